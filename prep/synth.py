@@ -1,0 +1,309 @@
+"""Synthetic RxRx1: the Kaggle layout with a planted, learnable phenotype signal.
+
+What is planted (README "Synthetic data" has the long form):
+
+* every siRNA has a sparse phenotype vector over 16 cell parameters (density,
+  cell size, elongation, nucleus size, Golgi offset, per-channel intensity and
+  per-channel texture); most siRNAs move 3 of them, controls move more; the
+  negative control moves none;
+* every cell type has its own baseline and mixes the phenotype through its own
+  response matrix (`0.7 I + 0.3 R`), so a phenotype looks related, not equal,
+  across cell types;
+* every well adds its own parameter noise (so two wells of one siRNA differ),
+  every site a new random field of cells, every cell its own size/brightness;
+* every experiment adds a batch effect: per-channel gain (log-normal, sd 0.35)
+  and offset and an uneven illumination field; every plate a small gain.
+  That is why per-experiment normalization matters;
+* pixels get shot and read noise and are quantized to 8 bit.
+
+Cells are rendered as point masses blurred by (anisotropic) Gaussians in the
+Fourier domain, one FFT pair per channel, which keeps a 512 px site around
+tens of milliseconds. Everything derives from `seed` alone, per site, so the
+output does not depend on the number of workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from shards import layout
+
+# Per cell type: experiments in train and in test. `full` is the real count.
+PRESETS = {
+    "tiny": dict(image_size=64, group_size=3, n_controls=4,
+                 train=(2, 2, 1, 1), test=(1, 1, 1, 1), missing=2),
+    "demo": dict(image_size=128, group_size=8, n_controls=8,
+                 train=(4, 4, 4, 4), test=(2, 2, 2, 2), missing=4),
+    "full": dict(image_size=512, group_size=layout.GROUP_SIZE, n_controls=layout.N_CONTROLS,
+                 train=(7, 16, 7, 3), test=(4, 8, 4, 2), missing=40),
+}
+
+# Phenotype parameters (all on a log or additive scale around the cell type's baseline).
+PARAMS = ("density", "cell_size", "elongation", "nucleus_size", "golgi_offset",
+          *(f"intensity_w{c}" for c in layout.CHANNELS),
+          *(f"texture_w{c}" for c in layout.CHANNELS))
+N_PARAMS = len(PARAMS)  # 17
+
+# Difficulty knobs, the same for every preset (documented in the README).
+EFFECT_SIZE = 0.45        # phenotype amplitude per moved parameter (log scale)
+PARAMS_MOVED = 3          # parameters a treatment siRNA moves
+CONTROL_PARAMS_MOVED = 5  # positive controls are stronger, as in real screens
+WELL_NOISE = 0.12         # per-well parameter noise (log scale)
+BATCH_GAIN_SD = 0.35      # per-experiment, per-channel log gain
+PLATE_GAIN_SD = 0.05
+# Gray levels of one average cell's peak per channel (rings and spots are faint, hence larger).
+CHANNEL_SCALE = np.array([70.0, 30.0, 110.0, 160.0, 30.0, 80.0])
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    split: str
+    cell_type: str
+    index: int            # position in the full experiment list (seeds the batch effect)
+
+
+def experiment_list(preset: dict) -> list[Experiment]:
+    """Experiments in the real naming style: per cell type, train first (-01..), then test."""
+    out = []
+    for ct_i, ct in enumerate(layout.CELL_TYPES):
+        n_train, n_test = preset["train"][ct_i], preset["test"][ct_i]
+        for k in range(n_train + n_test):
+            split = "train" if k < n_train else "test"
+            out.append(Experiment(f"{ct}-{k + 1:02d}", split, ct, len(out)))
+    return out
+
+
+def limit_experiments(exps: list[Experiment], n: int | None) -> list[Experiment]:
+    """First n experiments, alternating train and test so both splits appear when n >= 2."""
+    if n is None:
+        return exps
+    train = [e for e in exps if e.split == "train"]
+    test = [e for e in exps if e.split == "test"]
+    merged = []
+    while train or test:
+        if train:
+            merged.append(train.pop(0))
+        if test:
+            merged.append(test.pop(0))
+    if not 1 <= int(n) <= len(merged):
+        raise ValueError(f"--experiments {n}: this preset has 1..{len(merged)} experiments")
+    return merged[: int(n)]
+
+
+def design(preset: dict, seed: int) -> dict:
+    """Everything that is drawn once per dataset: groups, phenotypes, responses, batch effects."""
+    rng = np.random.default_rng([seed, 0])
+    n_treat = layout.N_GROUPS * preset["group_size"]
+    groups = rng.permutation(n_treat).reshape(layout.N_GROUPS, preset["group_size"])
+    n_pos = preset["n_controls"] - 1
+    controls = [layout.CONTROL_BASE + i for i in range(n_pos)] + [layout.NEGATIVE_CONTROL]
+
+    phenotype = np.zeros((layout.N_SIRNAS, N_PARAMS), np.float64)
+    for s in range(n_treat):
+        phenotype[s] = sparse_effect(rng, PARAMS_MOVED)
+    for s in controls[:-1]:
+        phenotype[s] = sparse_effect(rng, CONTROL_PARAMS_MOVED) * 1.3
+    # the negative control stays at zero: cells as the cell type makes them
+
+    response = {ct: 0.7 * np.eye(N_PARAMS) + 0.3 * rng.normal(size=(N_PARAMS, N_PARAMS)) / np.sqrt(N_PARAMS)
+                for ct in layout.CELL_TYPES}
+    baseline = {ct: rng.normal(0, 0.25, N_PARAMS) for ct in layout.CELL_TYPES}
+    return dict(groups=groups, controls=controls, phenotype=phenotype,
+                response=response, baseline=baseline, n_treat=n_treat)
+
+
+def sparse_effect(rng, n_moved: int) -> np.ndarray:
+    v = np.zeros(N_PARAMS)
+    idx = rng.choice(N_PARAMS, n_moved, replace=False)
+    v[idx] = rng.choice([-1.0, 1.0], n_moved) * rng.uniform(0.7, 1.3, n_moved) * EFFECT_SIZE
+    return v
+
+
+def plate_layouts(exps: list[Experiment], des: dict, preset: dict, seed: int) -> pd.DataFrame:
+    """One row per well: experiment, plate, well, sirna, well_type. Includes missing-well choice."""
+    rows = []
+    for e in exps:
+        rng = np.random.default_rng([seed, 1, e.index])
+        plate_groups = rng.permutation(layout.N_GROUPS)
+        for plate in layout.PLATES:
+            sirnas = list(des["groups"][plate_groups[plate - 1]]) + list(des["controls"])
+            wells = rng.choice(len(layout.WELLS), len(sirnas), replace=False)
+            for s, w in zip(rng.permutation(sirnas), sorted(wells)):
+                wt = ("treatment" if s < layout.CONTROL_BASE else
+                      "negative_control" if s == layout.NEGATIVE_CONTROL else "positive_control")
+                rows.append((e.name, e.split, e.cell_type, e.index, plate, layout.WELLS[w], int(s), wt))
+    df = pd.DataFrame(rows, columns=["experiment", "split", "cell_type", "exp_index", "plate",
+                                     "well", "sirna", "well_type"])
+    # A few treatment wells go missing, as in the real data (e.g. HUVEC-15).
+    rng = np.random.default_rng([seed, 2])
+    treat = np.flatnonzero(df.well_type.values == "treatment")
+    drop = rng.choice(treat, min(preset["missing"], len(treat) // 10), replace=False)
+    df = df.drop(index=drop).reset_index(drop=True)
+    df.insert(0, "id_code", [layout.make_id_code(e, p, w)
+                             for e, p, w in zip(df.experiment, df.plate, df.well)])
+    return df
+
+
+# ---------------------------------------------------------------- rendering
+
+def render_site(params: np.ndarray, exp_fx: dict, size: int, rng) -> np.ndarray:
+    """One site, (6, size, size) uint8, from the well's phenotype parameters."""
+    p = dict(zip(PARAMS, params))
+    r = min(size, 256)                       # render grid; upsampled for 512 px
+    cell_r = 0.045 * r * np.exp(p["cell_size"])
+    nuc_r = 0.45 * cell_r * np.exp(p["nucleus_size"])
+    n_cells = rng.poisson(28 * np.exp(p["density"])) + 1
+    elong = np.exp(0.5 * p["elongation"])
+    axis = rng.integers(2)                   # orientation carries no label
+    sy, sx = (elong, 1 / elong) if axis else (1 / elong, elong)
+
+    centers = rng.uniform(0, r, (n_cells, 2))
+    size_j = np.exp(rng.normal(0, 0.15, n_cells))
+    bright = np.exp(rng.normal(0, 0.2, n_cells))
+    ang = rng.uniform(0, 2 * np.pi, n_cells)
+    golgi = centers + (nuc_r * (1.2 + 0.8 * np.tanh(p["golgi_offset"])))[..., None] * \
+        np.stack([np.sin(ang), np.cos(ang)], 1)
+    nucleoli = np.repeat(centers, 3, 0) + rng.normal(0, 0.35 * nuc_r, (3 * n_cells, 2))
+
+    fy = np.fft.fftfreq(r)[:, None]
+    fx = np.fft.rfftfreq(r)[None, :]
+
+    def blur(points, weights, sigma):
+        img = np.zeros((r, r))
+        ij = np.floor(points).astype(int) % r
+        np.add.at(img, (ij[:, 0], ij[:, 1]), weights)
+        tf = np.exp(-2 * np.pi ** 2 * ((sigma * sy) ** 2 * fy ** 2 + (sigma * sx) ** 2 * fx ** 2))
+        return np.fft.irfft2(np.fft.rfft2(img) * tf, s=(r, r)) * (2 * np.pi * sigma ** 2)
+
+    w = bright * size_j ** 2
+    cyto = blur(centers, w, cell_r)
+    chans = np.stack([
+        blur(centers, bright, nuc_r),                                               # w1 nuclei
+        cyto,                                                                       # w2 ER
+        np.clip(blur(centers, w, 1.15 * cell_r) - 0.75 * blur(centers, w, 0.85 * cell_r), 0, None),  # w3 actin ring
+        blur(nucleoli, np.repeat(bright, 3) / 3, 0.3 * nuc_r),                      # w4 nucleoli
+        cyto,                                                                       # w5 mitochondria
+        blur(golgi, bright, 0.45 * nuc_r),                                          # w6 Golgi
+    ])
+
+    # Texture: multiplicative fine-grained noise whose amplitude is a phenotype.
+    tex_amp = 0.35 * np.exp(np.array([p[f"texture_w{c}"] for c in layout.CHANNELS]))
+    noise = rng.normal(size=(6, r, r))
+    noise = np.fft.irfft2(np.fft.rfft2(noise) * np.exp(-2 * np.pi ** 2 * 1.2 ** 2 * (fy ** 2 + fx ** 2)),
+                          s=(r, r))
+    noise /= noise.reshape(6, -1).std(1)[:, None, None]
+    chans *= np.clip(1 + tex_amp[:, None, None] * noise, 0, None)
+
+    intensity = CHANNEL_SCALE * np.exp(np.array([p[f"intensity_w{c}"] for c in layout.CHANNELS]))
+    img = chans * intensity[:, None, None] + 8
+    if size != r:
+        img = img.repeat(size // r, 1).repeat(size // r, 2)
+    img = img * exp_fx["gain"][:, None, None] * exp_fx["illum"](size)[None] + exp_fx["offset"][:, None, None]
+    img = img + rng.normal(size=img.shape) * np.sqrt(np.clip(img, 0, None) * 0.5 + 4)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def experiment_effects(e: Experiment, seed: int) -> dict:
+    rng = np.random.default_rng([seed, 3, e.index])
+    gain = np.exp(rng.normal(0, BATCH_GAIN_SD, 6))
+    offset = rng.uniform(0, 15, 6)
+    cy, cx = rng.uniform(0.2, 0.8, 2)
+    strength = rng.uniform(0.15, 0.45)
+
+    def illum(size):
+        y, x = np.mgrid[0:size, 0:size] / size
+        return 1 - strength * ((y - cy) ** 2 + (x - cx) ** 2) / 0.5
+
+    return dict(gain=gain, offset=offset, illum=illum)
+
+
+def well_params(des: dict, cell_type: str, sirna: int, rng) -> np.ndarray:
+    effect = des["response"][cell_type] @ des["phenotype"][sirna]
+    return des["baseline"][cell_type] + effect + rng.normal(0, WELL_NOISE, N_PARAMS)
+
+
+def _render_plate(task) -> list[tuple]:
+    """Worker: render and write every site of one plate; returns pixel_stats rows."""
+    out_dir, exp, plate_df, des, size, seed = task
+    fx = experiment_effects(exp, seed)
+    plate_gain = np.exp(np.random.default_rng([seed, 4, exp.index, int(plate_df.plate.iloc[0])])
+                        .normal(0, PLATE_GAIN_SD, 6))
+    fx = dict(fx, gain=fx["gain"] * plate_gain)
+    stats = []
+    for r in plate_df.itertuples():
+        rng = np.random.default_rng([seed, 5, exp.index, r.plate, layout.WELLS.index(r.well)])
+        params = well_params(des, exp.cell_type, r.sirna, rng)
+        for site in layout.SITES:
+            img = render_site(params, fx, size, rng)
+            for c in layout.CHANNELS:
+                path = layout.png_path(out_dir, exp.split, exp.name, r.plate, r.well, site, c)
+                Image.fromarray(img[c - 1]).save(path, compress_level=3)
+                ch = img[c - 1]
+                stats.append((r.id_code, exp.name, r.plate, r.well, site, c, float(ch.mean()),
+                              float(ch.std()), float(np.median(ch)), int(ch.min()), int(ch.max())))
+    return stats
+
+
+def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, workers=None):
+    """Write a synthetic dataset in the RxRx1 Kaggle layout; returns a summary dict."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    cfg = dict(PRESETS[preset])
+    size = int(image_size or cfg["image_size"])
+    if size < 32 or (size > 256 and size % 256):
+        raise ValueError(f"--image-size {size}: use 32..256, or a multiple of 256 above that")
+    exps = limit_experiments(experiment_list(cfg), experiments)
+    des = design(cfg, seed)
+    wells = plate_layouts(exps, des, cfg, seed)
+
+    t0 = time.time()
+    for e in exps:
+        for plate in layout.PLATES:
+            os.makedirs(os.path.join(out_dir, e.split, e.name, f"Plate{plate}"), exist_ok=True)
+    by_exp = {e.name: e for e in exps}
+    tasks = [(out_dir, by_exp[name], g, des, size, seed)
+             for (name, _), g in wells.groupby(["experiment", "plate"], sort=True)]
+    workers = int(workers or os.cpu_count() or 1)
+    stats = []
+    with ProcessPoolExecutor(workers) as pool:
+        for rows in tqdm(pool.map(_render_plate, tasks), total=len(tasks),
+                         desc=f"synth {preset}", unit="plate"):
+            stats.extend(rows)
+
+    write_csvs(out_dir, wells, stats)
+    with open(os.path.join(out_dir, "synth.json"), "w") as f:
+        json.dump(dict(preset=preset, seed=seed, image_size=size,
+                       experiments=[e.name for e in exps], n_wells=len(wells),
+                       groups=des["groups"].tolist(), controls=des["controls"]), f, indent=1)
+    summary = dict(out_dir=str(out_dir), preset=preset, experiments=len(exps), wells=len(wells),
+                   sites=2 * len(wells), image_size=size, seconds=round(time.time() - t0, 1))
+    print(summary)
+    return summary
+
+
+def write_csvs(out_dir, wells: pd.DataFrame, stats: list) -> None:
+    """The five Kaggle CSVs, plus test_truth.csv (read only by `infer score`)."""
+    cols = ["id_code", "experiment", "plate", "well"]
+    treat = wells[wells.well_type == "treatment"]
+    ctrl = wells[wells.well_type != "treatment"]
+    tr, te = treat[treat.split == "train"], treat[treat.split == "test"]
+    tr[cols + ["sirna"]].to_csv(os.path.join(out_dir, "train.csv"), index=False)
+    te[cols].to_csv(os.path.join(out_dir, "test.csv"), index=False)
+    for split in layout.SPLITS:
+        c = ctrl[ctrl.split == split]
+        c[cols + ["sirna", "well_type"]].to_csv(os.path.join(out_dir, f"{split}_controls.csv"), index=False)
+    pd.DataFrame({"id_code": te.id_code, "sirna": 0}).to_csv(
+        os.path.join(out_dir, "sample_submission.csv"), index=False)
+    te[["id_code", "sirna"]].to_csv(os.path.join(out_dir, "test_truth.csv"), index=False)
+    pd.DataFrame(stats, columns=["id_code", "experiment", "plate", "well", "site", "channel",
+                                 "mean", "std", "median", "min", "max"]).to_csv(
+        os.path.join(out_dir, "pixel_stats.csv"), index=False, float_format="%.6g")
