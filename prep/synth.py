@@ -232,7 +232,7 @@ def well_params(des: dict, cell_type: str, sirna: int, rng) -> np.ndarray:
 
 
 def _render_plate(task) -> list[tuple]:
-    """Worker: render and write every site of one plate; returns pixel_stats rows."""
+    """Worker: render and write every site of some wells of one plate; returns pixel_stats rows."""
     out_dir, exp, plate_df, des, size, seed = task
     fx = experiment_effects(exp, seed)
     plate_gain = np.exp(np.random.default_rng([seed, 4, exp.index, int(plate_df.plate.iloc[0])])
@@ -270,13 +270,16 @@ def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, wor
         for plate in layout.PLATES:
             os.makedirs(os.path.join(out_dir, e.split, e.name, f"Plate{plate}"), exist_ok=True)
     by_exp = {e.name: e for e in exps}
-    tasks = [(out_dir, by_exp[name], g, des, size, seed)
-             for (name, _), g in wells.groupby(["experiment", "plate"], sort=True)]
+    # Chunks of a plate, so a 512 px run shows progress and spreads over the cores.
+    chunk = max(1, 4096 // size)
+    tasks = [(out_dir, by_exp[name], g.iloc[i:i + chunk], des, size, seed)
+             for (name, _), g in wells.groupby(["experiment", "plate"], sort=True)
+             for i in range(0, len(g), chunk)]
     workers = int(workers or os.cpu_count() or 1)
     stats = []
     with ProcessPoolExecutor(workers) as pool:
         for rows in tqdm(pool.map(_render_plate, tasks), total=len(tasks),
-                         desc=f"synth {preset}", unit="plate"):
+                         desc=f"synth {preset}", unit="chunk"):
             stats.extend(rows)
 
     write_csvs(out_dir, wells, stats)
