@@ -1,0 +1,77 @@
+"""K folds by experiment: `OUT/train_k.csv` and `OUT/valid_k.csv`, as the reference's csv/ folder.
+
+A validation fold holds whole experiments, because wells of one experiment share
+plate effects that would leak between train and valid.  Within each cell type
+the experiments are shuffled with `seed` and dealt round-robin, and the deal
+continues across cell types, so every fold sees several cell types and fold
+sizes differ by at most one experiment.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from shards.metadata import load_wells
+
+FOLD_COLUMNS = ("id_code", "experiment", "plate", "well", "sirna", "experiment_type", "dataset")
+
+
+def assign_folds(experiments_by_cell_type: dict[str, list[str]], n_folds: int,
+                 seed: int = 0) -> dict[str, int]:
+    """Experiment -> fold, dealing each cell type's shuffled experiments round-robin."""
+    rng = np.random.default_rng(seed)
+    fold_of, dealt = {}, 0
+    for cell_type in sorted(experiments_by_cell_type):
+        exps = sorted(experiments_by_cell_type[cell_type])
+        for e in (exps[i] for i in rng.permutation(len(exps))):
+            fold_of[e] = dealt % n_folds
+            dealt += 1
+    return fold_of
+
+
+def write_folds(data_dir, n_folds=5, out_dir="csv", seed=0) -> list[str]:
+    """Write train_k.csv / valid_k.csv for k in 0..n_folds-1 from the treatment
+    wells of train.csv (one row per well); return the written paths."""
+    wells = load_wells(data_dir)
+    train = wells[(wells["split"] == "train") & (wells["well_type"] == "treatment")]
+    rows = pd.DataFrame({
+        "id_code": train["id_code"], "experiment": train["experiment"],
+        "plate": train["plate"], "well": train["well"], "sirna": train["sirna"],
+        "experiment_type": train["cell_type"], "dataset": "train",
+    }, columns=list(FOLD_COLUMNS)).reset_index(drop=True)
+
+    by_cell_type = rows.groupby("experiment_type")["experiment"].unique()
+    n_experiments = int(sum(len(v) for v in by_cell_type))
+    if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) \
+            or not 2 <= n_folds <= n_experiments:
+        raise ValueError(f"n_folds={n_folds!r}: need an integer from 2 to the number of train "
+                         f"experiments with treatment wells in {data_dir}/train.csv "
+                         f"({n_experiments}), since each valid fold holds whole experiments")
+    fold_of = assign_folds({ct: list(v) for ct, v in by_cell_type.items()}, n_folds, seed)
+    fold = rows["experiment"].map(fold_of).to_numpy()
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for k in range(n_folds):
+        in_valid = fold == k
+        for name, part in ((f"train_{k}.csv", rows[~in_valid]), (f"valid_{k}.csv", rows[in_valid])):
+            paths.append(_write_csv_atomic(part, os.path.join(str(out_dir), name)))
+        valid_exps = sorted(rows.loc[in_valid, "experiment"].unique())
+        print(f"fold {k}: valid {len(valid_exps)} experiments ({', '.join(valid_exps)}), "
+              f"{int(in_valid.sum())} valid / {int((~in_valid).sum())} train wells")
+    return paths
+
+
+def _write_csv_atomic(df: pd.DataFrame, path: str) -> str:
+    # A killed run must never leave a half-written fold that a trainer would read.
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
