@@ -146,7 +146,10 @@ def plate_layouts(exps: list[Experiment], des: dict, preset: dict, seed: int) ->
     # A few treatment wells go missing, as in the real data (e.g. HUVEC-15).
     rng = np.random.default_rng([seed, 2])
     treat = np.flatnonzero(df.well_type.values == "treatment")
-    drop = rng.choice(treat, min(preset["missing"], len(treat) // 10), replace=False)
+    # `missing` counts for the whole preset; a subset (--experiments) loses its share.
+    n_all = sum(preset["train"]) + sum(preset["test"])
+    n_drop = max(1, round(preset["missing"] * len({e.name for e in exps}) / n_all))
+    drop = rng.choice(treat, min(n_drop, len(treat) // 10), replace=False)
     df = df.drop(index=drop).reset_index(drop=True)
     df.insert(0, "id_code", [layout.make_id_code(e, p, w)
                              for e, p, w in zip(df.experiment, df.plate, df.well)])
