@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench-prep`, `make bench-loader`, `make bench-train`."""

@@ -1,0 +1,117 @@
+"""The prep worker: write one tar shard, its DALI index, its sites' zarr chunks and its record.
+
+Runs in a spawned process, so it imports only what it uses (no pandas, no
+zarr): a worker starts in a fraction of a second.
+
+Order of writes, each under a temporary name then renamed: the zarr chunks,
+the index, the tar, last the record (OUT/.prep/<name>.json, with the sites'
+statistics). A shard is finished when its record is there and agrees with its
+tar; anything less is rewritten by the next run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from numcodecs import Zstd
+
+from prep.png_io import read_site, site_paths
+from prep.site_stats import channel_stats
+from prep.tar_writer import TarWriter, format_index
+from shards.layout import N_CHANNELS, STAT_NAMES, sample_key
+from shards.manifest import SHARDS_DIR, STORE_NAME, atomic_write
+
+WORK_DIR = ".prep"  # prep's bookkeeping inside OUT; not part of the store format
+
+
+def shard_files(out_dir, name):
+    """(tar, DALI index, record) paths of shard `name`."""
+    shards = os.path.join(out_dir, SHARDS_DIR)
+    return (os.path.join(shards, name + ".tar"), os.path.join(shards, name + ".idx"),
+            os.path.join(out_dir, WORK_DIR, name + ".json"))
+
+
+def chunk_path(out_dir, row):
+    """File of zarr chunk (row, 0, 0, 0) of `pixels` (v3 "default" keys, "." separator)."""
+    return os.path.join(out_dir, STORE_NAME, "pixels", f"c.{row}.0.0.0")
+
+
+def read_record(out_dir, shard, run):
+    """The record of a finished shard, or None if the shard must be (re)written."""
+    tar, idx, rec_path = shard_files(out_dir, shard["name"])
+    try:
+        with open(rec_path) as f:
+            rec = json.load(f)
+        tar_bytes = os.path.getsize(tar)
+    except (OSError, ValueError):
+        return None
+    ok = (rec.get("run") == run and rec.get("rows") == shard["rows"]
+          and os.path.isfile(idx) and tar_bytes == rec.get("bytes")
+          and np.shape(rec.get("stats")) == (len(shard["rows"]), N_CHANNELS, len(STAT_NAMES)))
+    return rec if ok else None
+
+
+def init_worker():
+    # A worker whose parent was killed (kill -9) exits instead of lingering.
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def write_shard(task):
+    """task: shard {name, split, rows}, sites (sites-table rows as dicts, in shard
+    order), data_dir, out_dir, run (image_shape, zstd_level, ...). Returns the site count."""
+    shard, run, out_dir = task["shard"], task["run"], task["out_dir"]
+    shape = tuple(run["image_shape"])
+    tar, idx, rec_path = shard_files(out_dir, shard["name"])
+    tmp = f".tmp-{os.getpid()}"
+    zstd = Zstd(level=run["zstd_level"])
+    writer = TarWriter(tar + tmp)
+    stats = []
+    # Site i is compressed and written on a thread while site i+1 decodes: PNG
+    # decoding, zstd, sha256 and file writes all release the GIL, and a write the
+    # kernel throttles no longer stalls decoding. One site in flight bounds memory.
+    io = ThreadPoolExecutor(1)
+    pending = None
+    try:
+        for row in task["sites"]:
+            channels = read_site(site_paths(task["data_dir"], row), shape[:2])
+            stats.append([channel_stats(ch) for ch in channels])
+            pixels = np.stack(channels, axis=-1)
+            if pending is not None:
+                pending.result()
+            pending = io.submit(_write_site, out_dir, zstd, writer, row, pixels)
+        if pending is not None:
+            pending.result()
+        nbytes, sha = writer.close()
+    except BaseException:
+        io.shutdown(wait=True)  # the file must be closed before it is removed
+        writer.abort()
+        os.remove(tar + tmp)
+        raise
+    io.shutdown()
+    atomic_write(idx, format_index(writer.index))
+    os.replace(tar + tmp, tar)
+    atomic_write(rec_path, json.dumps({
+        "name": shard["name"], "split": shard["split"], "rows": shard["rows"],
+        "count": len(shard["rows"]), "bytes": nbytes, "sha256": sha, "run": run,
+        "stats": stats}))
+    return len(shard["rows"])
+
+
+def _write_site(out_dir, zstd, writer, row, pixels):
+    # The chunk bytes zarr's ZstdCodec would write, written directly: going
+    # through zarr's API costs 2-4x the compression itself per 512 px site.
+    atomic_write(chunk_path(out_dir, row["row"]), zstd.encode(pixels))
+    meta = json.dumps({**row, "shape": list(pixels.shape)}, separators=(",", ":"))
+    writer.add(sample_key(row["id_code"], row["site"]),
+               [("pixels", pixels), ("row", np.array(row["row"], "<i8").tobytes()),
+                ("json", meta.encode())])

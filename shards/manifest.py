@@ -1,0 +1,88 @@
+"""`OUT/manifest.json`: what a store holds and how to check it (docs/format.md, "Manifest").
+
+Prep writes the manifest last, so its presence means the store is complete;
+readers call `read_manifest`, which refuses anything but this format version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+FORMAT = "cellshard"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SITES_NAME = "sites.csv"
+STORE_NAME = "store.zarr"
+SHARDS_DIR = "shards"
+# The source files whose content defines a store; those present are fingerprinted.
+SOURCE_CSVS = ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv",
+               "pixel_stats.csv")
+REQUIRED_KEYS = ("format", "format_version", "image_shape", "dtype", "layout",
+                 "channel_order", "codec", "n_sites", "sites_table", "source", "shards")
+
+
+class ManifestError(ValueError):
+    """A manifest is missing, unreadable, or of another format or version."""
+
+
+def sha256_file(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: str, data: bytes | str) -> None:
+    """Write under a temporary name and rename, so `path` is never half-written."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def source_files(data_dir: str) -> dict[str, str]:
+    """{csv name: sha256} of the source CSVs present in `data_dir`."""
+    return {name: sha256_file(os.path.join(data_dir, name)) for name in SOURCE_CSVS
+            if os.path.isfile(os.path.join(data_dir, name))}
+
+
+def fingerprint(files: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def check_format(m: dict, where: str) -> None:
+    """Refuse a manifest (or store attributes) of another format or version."""
+    if m.get("format") != FORMAT:
+        raise ManifestError(f"{where}: not a {FORMAT} store (format {m.get('format')!r}); "
+                            "use a new output directory or delete this one")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{where}: store format version {m.get('format_version')!r}, but this {FORMAT} "
+            f"reads and writes version {FORMAT_VERSION}; re-run prep into a new output "
+            "directory, or delete this one")
+
+
+def read_manifest(out_dir: str) -> dict:
+    """The manifest of a complete store; ManifestError if absent, unreadable or not version 1."""
+    path = os.path.join(out_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise ManifestError(f"{path}: no manifest; {out_dir} is not a finished store "
+                            "(run `python -m prep shards` into it, it resumes where it stopped)")
+    try:
+        with open(path) as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(m, dict):
+        raise ManifestError(f"{path}: manifest is not a JSON object")
+    check_format(m, path)
+    missing = [k for k in REQUIRED_KEYS if k not in m]
+    if missing:
+        raise ManifestError(f"{path}: manifest lacks {', '.join(missing)}")
+    return m
+
+
+def write_manifest(out_dir: str, m: dict) -> None:
+    atomic_write(os.path.join(out_dir, MANIFEST_NAME), json.dumps(m, indent=1) + "\n")
