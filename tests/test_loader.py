@@ -1,0 +1,243 @@
+"""The loader against a plain numpy reference read from the zarr store, on the tiny store.
+
+Both backends run here: DALI as a CPU pipeline (device_id=None) and the torch
+fallback.  Every check compares values: pixels to `(pixel - mean) / std` of
+the zarr store, rows and labels to the selection.
+"""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shards import make_loader, open_store
+from shards.augment import all_dihedral, dihedral_chw, normalize
+from shards.layout import NORM_MODES
+from shards.selection import rank_batches
+
+BACKENDS = ("dali", "torch")
+SUBSET = (1, 2, 3, 5, 6)
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return open_store(tiny_store)
+
+
+@pytest.fixture(scope="module")
+def pixels(store):
+    return store.pixels[:]
+
+
+def run(loader, epoch=0):
+    """One epoch as numpy: images, labels, rows, and the batch sizes."""
+    loader.set_epoch(epoch)
+    xs, ys, rs, sizes = [], [], [], []
+    for x, y, r in loader:
+        assert x.dtype == torch.float32 and y.dtype == torch.int64 and r.dtype == torch.int64
+        xs.append(x.numpy()), ys.append(y.numpy()), rs.append(r.numpy()), sizes.append(len(r))
+    assert len(sizes) == len(loader)
+    return np.concatenate(xs), np.concatenate(ys), np.concatenate(rs), sizes
+
+
+def reference(store, pixels, rows, norm, channels=SUBSET):
+    table = store.norm(norm)
+    return np.stack([normalize(pixels[r], table[r], channels) for r in rows])
+
+
+def wells_of(store, split):
+    return store.sites[store.sites.split == split].drop_duplicates("id_code")
+
+
+@pytest.mark.parametrize("norm", NORM_MODES)
+def test_backends_equal_numpy_reference(tiny_store, store, pixels, norm):
+    out = {}
+    for backend in BACKENDS:
+        loader = make_loader(tiny_store, "all", channels="[1,2,3,5,6]", norm=norm, sites="two",
+                             batch_size=16, backend=backend, num_workers=2)
+        x, y, r, sizes = run(loader)
+        assert x.shape == (len(store.sites), 5, 64, 64)
+        assert sorted(r) == list(range(len(store.sites)))  # every site exactly once
+        assert sizes == [16] * (len(r) // 16) + [len(r) % 16] * bool(len(r) % 16)
+        np.testing.assert_allclose(x, reference(store, pixels, r, norm), atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(y, store.sites.sirna.to_numpy()[r])
+        out[backend] = x, r
+    np.testing.assert_array_equal(out["dali"][1], out["torch"][1])  # same order, unshuffled
+    np.testing.assert_allclose(out["dali"][0], out["torch"][0], atol=1e-5, rtol=0)
+
+
+def test_none_norm_is_pixel_over_255(tiny_store, pixels):
+    x, _, r, _ = run(make_loader(tiny_store, "test", channels=[4], norm="none", sites="one",
+                                 batch_size=64, backend="dali"))
+    np.testing.assert_allclose(x[:, 0], pixels[r, :, :, 3] / 255.0, atol=1e-6)
+
+
+def dihedral_index(out, ref):
+    """Which of the 8 dihedral transforms of `ref` (C, H, W) `out` is, and the channel
+    zeroed by channel dropout (None if none); AssertionError if it is neither."""
+    for k, t in enumerate(all_dihedral(ref)):
+        if np.allclose(out, t, atol=1e-4):
+            return k, None
+        zero = [c for c in range(len(out)) if not out[c].any()]
+        if len(zero) == 1:
+            keep = [c for c in range(len(out)) if c != zero[0]]
+            if np.allclose(out[keep], t[keep], atol=1e-4):
+                return k, zero[0]
+    raise AssertionError("output is no dihedral transform (or channel-dropped copy) of its site")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_augment_is_dihedral_or_channel_dropped(tiny_store, store, pixels, backend):
+    loader = make_loader(tiny_store, "all", channels=SUBSET, norm="experiment", sites="two",
+                         batch_size=32, augment=True, channel_dropout=0.3, backend=backend,
+                         num_workers=2, seed=3)
+    x, _, r, _ = run(loader)
+    ref = reference(store, pixels, r, "experiment")
+    seen, dropped = np.zeros(8, int), 0
+    for out, want in zip(x, ref):
+        # the synthetic sites are asymmetric: their 8 transforms differ, so a match is unique
+        assert len({t.tobytes() for t in all_dihedral(want)}) == 8
+        k, zero = dihedral_index(out, want)
+        seen[k] += 1
+        dropped += zero is not None
+    assert (seen > 0).all(), f"transform counts {seen}: all 8 dihedral transforms must occur"
+    assert 0.2 < dropped / len(x) < 0.4  # p = 0.3 over 556 samples
+    x2, _, r2, _ = run(loader, epoch=1)
+    assert not np.array_equal(r, r2)  # augment implies shuffle: a new order per epoch
+
+
+def test_dihedral_helper_is_the_group_of_the_square():
+    a = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)  # (C, H, W), asymmetric
+    got = {t.tobytes() for t in all_dihedral(a)}
+    rotations = [np.rot90(a, k, axes=(1, 2)) for k in range(4)]
+    want = {np.ascontiguousarray(m).tobytes() for r in rotations for m in (r, r[:, :, ::-1])}
+    assert got == want and len(got) == 8
+    hwc = a.transpose(1, 2, 0)
+    np.testing.assert_array_equal(dihedral_chw(hwc, 1, 0, 0), a[:, :, ::-1])
+    np.testing.assert_array_equal(dihedral_chw(hwc, 0, 1, 1), a[:, ::-1].transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_selection_yields_its_rows_and_labels(tiny_store, store, tmp_path, backend):
+    wells = wells_of(store, "train").iloc[::3]
+    sel = pd.DataFrame({"id_code": wells.id_code, "klass": np.arange(len(wells)) * 7 + 1})
+    loader = make_loader(tiny_store, sel, sites="two", batch_size=5, label_column="klass",
+                         backend=backend, shuffle=True)
+    _, y, r, _ = run(loader)
+    sites = store.sites.set_index("row")
+    assert sorted(r) == sorted(store.sites[store.sites.id_code.isin(wells.id_code)].row)
+    label_of = dict(zip(sel.id_code, sel.klass))
+    np.testing.assert_array_equal(y, [label_of[sites.id_code[i]] for i in r])
+
+    csv = tmp_path / "sel.csv"
+    sel[["id_code"]].to_csv(csv, index=False)  # no labels: -1
+    _, y, r2, _ = run(make_loader(tiny_store, str(csv), sites="two", backend=backend))
+    assert sorted(r2) == sorted(r) and (y == -1).all()
+
+
+def test_split_name_selects_that_split_with_sites_table_labels(tiny_store, store):
+    _, y, r, _ = run(make_loader(tiny_store, "test", sites="one", site=2, batch_size=8))
+    test = store.sites[store.sites.split == "test"]
+    assert sorted(r) == sorted(test[test.site == 2].row)
+    np.testing.assert_array_equal(y, store.sites.sirna.to_numpy()[r])
+
+
+@pytest.mark.parametrize("backend,world_size,drop_last",
+                         [("dali", 2, False), ("torch", 3, False), ("dali", 3, True)])
+def test_ranks_are_disjoint_cover_and_have_equal_batch_counts(tiny_store, store, backend,
+                                                              world_size, drop_last):
+    n_wells = store.sites.id_code.nunique()
+    parts, counts = [], []
+    for rank in range(world_size):
+        loader = make_loader(tiny_store, "all", batch_size=16, augment=True, rank=rank,
+                             world_size=world_size, backend=backend, drop_last=drop_last,
+                             seed=5)
+        _, _, r, sizes = run(loader, epoch=2)
+        parts.append(r), counts.append(len(sizes))
+        assert min(sizes) > 0 and (not drop_last or set(sizes) == {16})
+    assert len(set(counts)) == 1
+    rows = np.concatenate(parts)
+    assert len(set(rows)) == len(rows)  # disjoint
+    wells = store.sites.id_code.to_numpy()[rows]
+    assert len(set(wells)) == len(wells)  # random site mode: one site per well
+    if drop_last:
+        assert len(rows) == n_wells // (world_size * 16) * world_size * 16
+    else:
+        assert len(rows) == n_wells  # covers the selection
+
+
+def test_rank_batches_every_case():
+    for n in range(1, 40):
+        for w in range(1, 5):
+            for b in range(1, 6):
+                order = np.arange(100, 100 + n)
+                try:
+                    got = [rank_batches(order, k, w, b, False) for k in range(w)]
+                except ValueError:
+                    assert n < w or (b == 1 and n % w)  # only when impossible without repeats
+                    continue
+                rows = np.concatenate([m for m, _ in got])
+                assert sorted(rows) == list(order)
+                counts = {sum(len(p) for p in pieces) for _, pieces in got}
+                assert len(counts) == 1
+                for mine, pieces in got:
+                    sizes = [s for p in pieces for s in p]
+                    assert sum(sizes) == len(mine) and min(sizes) > 0 and max(sizes) <= b
+                    assert all(sum(p) == b for p in pieces[:-1])  # reader batches stay whole
+
+
+def test_site_modes(tiny_store, store):
+    sites = store.sites.set_index("row")
+    loader = make_loader(tiny_store, "train", sites="random", batch_size=16, backend="dali",
+                         seed=1)
+    per_epoch = [run(loader, e)[2] for e in range(3)]
+    n_wells = store.sites[store.sites.split == "train"].id_code.nunique()
+    for r in per_epoch:
+        assert len(r) == n_wells and sites.id_code[r].nunique() == n_wells
+    drawn = np.concatenate(per_epoch)
+    assert set(sites.site[drawn]) == {1, 2}
+    assert len(set(drawn)) > n_wells  # wells change site between epochs
+    np.testing.assert_array_equal(np.sort(run(loader, 1)[2]), np.sort(per_epoch[1]))  # replayable
+
+    r = run(make_loader(tiny_store, "train", sites="two", batch_size=16))[2]
+    assert sorted(r) == sorted(store.sites[store.sites.split == "train"].row)
+    r = run(make_loader(tiny_store, "train", sites="one", site=2, batch_size=16))[2]
+    assert set(sites.site[r]) == {2} and len(r) == n_wells
+
+
+def test_shuffled_batches_mix_experiments_and_plates(tiny_store, store):
+    loader = make_loader(tiny_store, "train", sites="two", batch_size=16, shuffle=True)
+    sites = store.sites.set_index("row")
+    for _, _, r in loader:
+        if len(r) == 16:
+            assert sites.experiment[r.numpy()].nunique() >= 2
+            assert (sites.experiment[r.numpy()] + sites.plate[r.numpy()].astype(str)).nunique() >= 3
+
+
+def test_resize_agrees_between_backends_and_native_size_is_exact(tiny_store, store, pixels):
+    got = {}
+    for backend in BACKENDS:
+        loader = make_loader(tiny_store, "test", channels=SUBSET, sites="one", image_size=40,
+                             batch_size=32, backend=backend)
+        x, _, r, _ = run(loader)
+        assert x.shape[1:] == (5, 40, 40)
+        got[backend] = x
+    ref = F.interpolate(torch.from_numpy(reference(store, pixels, r, "site")), size=(40, 40),
+                        mode="bilinear", antialias=True, align_corners=False).numpy()
+    np.testing.assert_allclose(got["dali"], ref, atol=1e-4)
+    np.testing.assert_allclose(got["torch"], got["dali"], atol=1e-5)
+    x, _, r, _ = run(make_loader(tiny_store, "test", channels=SUBSET, sites="one",
+                                 image_size=64, batch_size=32))
+    np.testing.assert_allclose(x, reference(store, pixels, r, "site"), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_one_batch_short_splits_its_last_batch(tiny_store, store, backend):
+    """17 wells on 2 ranks in batches of 4: 9 + 8 samples, i.e. 3 and 2 batches; the
+    second rank halves its last batch, so both take 3 steps and no sample repeats."""
+    sel = pd.DataFrame({"id_code": store.sites.id_code.unique()[:17]})
+    got = [run(make_loader(tiny_store, sel, batch_size=4, rank=k, world_size=2,
+                           backend=backend)) for k in range(2)]
+    assert [g[3] for g in got] == [[4, 4, 1], [4, 2, 2]]
+    rows = np.concatenate([g[2] for g in got])
+    assert len(set(rows)) == 17 and set(store.sites.id_code[rows]) == set(sel.id_code)
