@@ -21,6 +21,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from shards.dali_index import parse_index
 from shards.layout import SITES, SPLITS
 
 SITE_MODES = ("random", "two", "one")
@@ -215,15 +216,15 @@ def locate_rows(sites: pd.DataFrame, shard_paths: list[str], index_paths: list[s
            "offset": np.zeros(n, np.int64), "size": np.zeros(n, np.int64), "lines": []}
     for s, path in enumerate(index_paths):
         with open(path) as f:
-            head, *body = f.read().splitlines()
-        if not head.startswith("v1.2 ") or int(head.split()[1]) != len(body):
-            raise ValueError(f"{path}: not a v1.2 DALI index of {len(body)} samples ({head!r})")
+            try:
+                entries = parse_index(f.read())
+            except ValueError as e:
+                raise ValueError(f"{path}: not a DALI index: {e}") from None
         lines = []
-        for i, line in enumerate(body):
-            parts = line.split()
-            members = {parts[j]: parts[j:j + 4] for j in range(0, len(parts), 4)}
-            if len(parts) % 4 or "pixels" not in members or "row" not in members:
-                raise ValueError(f"{path}: sample {i + 1} lacks a pixels or row member ({line!r})")
+        for i, entry in enumerate(entries):
+            members = {ext: (ext, off, size, name) for ext, off, size, name in entry}
+            if "pixels" not in members or "row" not in members:
+                raise ValueError(f"{path}: sample {i + 1} lacks a pixels or row member ({entry!r})")
             key = members["pixels"][3].rsplit(".", 1)[0]
             row = key_to_row.get(key)
             if row is None:
@@ -232,8 +233,9 @@ def locate_rows(sites: pd.DataFrame, shard_paths: list[str], index_paths: list[s
                 raise ValueError(f"{path}: sample {key!r} (row {row}) is also in "
                                  f"{index_paths[out['shard'][row]]}")
             out["shard"][row], out["position"][row] = s, i
-            out["offset"][row] = int(members["pixels"][1])
-            out["size"][row] = int(members["pixels"][2])
-            lines.append(" ".join(members["pixels"] + members["row"]))
+            out["offset"][row] = members["pixels"][1]
+            out["size"][row] = members["pixels"][2]
+            lines.append(" ".join(f"{ext} {off} {size} {name}"
+                                  for ext, off, size, name in (members["pixels"], members["row"])))
         out["lines"].append(lines)
     return out
