@@ -1,0 +1,73 @@
+"""The three-part trainer of the reference recipe (control, finetune, pseudo).
+
+Public:
+    load_config(part, config, ...) -> Config      one run's checked config
+    fit(cfg) -> dict                              train one run (resumes, skips finished runs)
+    run(part, config, channels="all", fold="all", ...)   the reference's loops over subsets x folds
+    load_for_inference(checkpoint_path, device) -> (model, run_config)
+"""
+from __future__ import annotations
+
+
+def load_config(*args, **kwargs):
+    from train.config import load_config as _load
+    return _load(*args, **kwargs)
+
+
+def fit(cfg):
+    from train.recipe import fit as _fit
+    return _fit(cfg)
+
+
+def run(part, config=None, channels=None, fold=None, **kwargs):
+    from train.runs import run as _run
+    return _run(part, config, channels=channels, fold=fold, **kwargs)
+
+
+def load_for_inference(checkpoint_path, device="cpu"):
+    """Rebuild a trained model from best.pth or last.pth.
+
+    Returns (model in eval mode on `device`, run_config) where run_config has
+    stage (control|finetune|pseudo), fold (None for control), channels (list of
+    1-based channels), n_channels, num_classes, label_offset (add to an argmax
+    to get the sirna: 1108 for control, else 0), model (factory), model_name,
+    timm_name, model_params, image_size, norm, epoch, metrics (of that epoch),
+    run_dir and config (the whole resolved config dict).
+    No weights are downloaded; `model_params.pretrained` is not read.
+    """
+    import os
+    import torch
+    from train import checkpoint as ckpt
+    from train.config import LABEL_OFFSET_OF_PART
+    from train.models import create_model, timm_name
+
+    ck = ckpt.load(checkpoint_path)
+    cfg = ck["config"]
+    params = dict(cfg["model_params"], pretrained=None)
+    model = create_model(**params)
+    model.load_state_dict(ck["model_state_dict"])
+    model.to(torch.device(device)).eval()
+    dp = cfg["stages"]["data_params"]
+    part = cfg["part"]
+    run_config = {
+        "stage": part,
+        "fold": None if part == "control" else cfg["args"]["fold"],
+        "channels": list(dp["channels"]),
+        "n_channels": params["n_channels"],
+        "num_classes": params["num_classes"],
+        "label_offset": LABEL_OFFSET_OF_PART[part],
+        "model": params["model"],
+        "model_name": params["model_name"],
+        "timm_name": timm_name(params["model_name"]),
+        "model_params": {k: v for k, v in params.items() if k != "pretrained"},
+        "image_size": dp["image_size"],
+        "norm": dp["norm"],
+        "epoch": ck.get("epoch"),
+        "metrics": ck.get("metrics") or (ck.get("history") or [None])[-1],
+        "run_dir": os.path.dirname(os.path.dirname(os.path.abspath(checkpoint_path))),
+        "config": cfg,
+    }
+    return model, run_config
+
+
+__all__ = ["load_config", "fit", "run", "load_for_inference"]

@@ -1,0 +1,44 @@
+"""`python -m train control|finetune|pseudo --config configs/<part>.yml [options] [--dotted.key=value ...]`
+
+Options: --channels "[1,2,3,4,5]"|all   --fold 0|all   --model-name NAME   --logdir DIR
+         --shards DIR (the store)   --overrides configs/tiny.yml (YAML merged on top)
+         --n-folds 5 (for --fold all)
+Any other --a.b.c=value sets that config key, e.g. --stages.data_params.batch_size=8.
+Multi-GPU / multi-node: torchrun --nproc_per_node=N -m train finetune ...
+"""
+import sys
+
+import fire
+
+from train.config import ConfigError
+
+
+def _command(part):
+    def command(config=f"configs/{part}.yml", channels=None, fold=None, model_name=None,
+                logdir=None, shards=None, overrides=None, n_folds=5, **dotted):
+        from train.runs import run
+        if dotted.pop("help", None) or dotted.pop("h", None):
+            print(command.__doc__)   # **dotted would otherwise swallow --help
+            return
+        try:
+            run(part, config, channels=channels, fold=fold, model_name=model_name, logdir=logdir,
+                shards=shards, overrides=overrides, n_folds=n_folds, dotted=dotted)
+        except (ConfigError, FileNotFoundError, ValueError, LookupError) as e:
+            # Bad input (config, paths, store, checkpoints): the message says what; no traceback.
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+    command.__name__ = part
+    command.__doc__ = {
+        "control": "Part I: 31 control siRNAs on the control wells of train and test.",
+        "finetune": "Part II: 1108 siRNAs per fold, from the control model of the same subset.",
+        "pseudo": "Part III: as Part II on train + pseudo-labelled test wells.",
+    }[part] + "\n\n" + __doc__
+    return command
+
+
+def main():
+    fire.Fire({p: _command(p) for p in ("control", "finetune", "pseudo")})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Optimizers and learning-rate schedules of the recipe.
+
+Nadam is torch's NAdam (the same algorithm as the Keras/catalyst Nadam the
+reference used, momentum_decay 4e-3).  The one-cycle schedule follows
+catalyst's OneCycleLRWithWarmup as the reference configured it: `num_steps`
+and `warmup_steps` count epochs, the schedule advances per optimizer step.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def make_optimizer(params, optimizer="Nadam", lr=1e-4, weight_decay=0.0):
+    params = [p for p in params if p.requires_grad]
+    if optimizer == "Nadam":
+        return torch.optim.NAdam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "Adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+class OneCycleWithWarmup:
+    """Linear warmup from the optimizer's lr to lr_range[0] over `warmup_steps`
+    epochs, then linear annealing to lr_range[1] by the end of `num_steps`
+    epochs; momentum (beta1 for Adam-type optimizers) moves the other way
+    between momentum_range[1] and momentum_range[0].  Steps past the end hold
+    the final values."""
+
+    per_step = True
+
+    def __init__(self, optimizer, steps_per_epoch, num_steps, lr_range, warmup_steps=0,
+                 momentum_range=(0.85, 0.95)):
+        self.optimizer = optimizer
+        self.total = max(1, int(num_steps) * int(steps_per_epoch))
+        self.warmup = int(warmup_steps) * int(steps_per_epoch)
+        self.lr_max, self.lr_min = float(lr_range[0]), float(lr_range[1])
+        self.m_min, self.m_max = float(momentum_range[0]), float(momentum_range[1])
+        self.init_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.step_count = 0
+        self._apply()
+
+    def values(self, t: int, init_lr: float) -> tuple[float, float]:
+        if t < self.warmup:
+            f = t / self.warmup
+            return init_lr + (self.lr_max - init_lr) * f, self.m_max + (self.m_min - self.m_max) * f
+        span = max(1, self.total - self.warmup - 1)
+        f = min(1.0, (t - self.warmup) / span)
+        return self.lr_max + (self.lr_min - self.lr_max) * f, self.m_min + (self.m_max - self.m_min) * f
+
+    def _apply(self):
+        for g, init in zip(self.optimizer.param_groups, self.init_lrs):
+            lr, mom = self.values(self.step_count, init)
+            g["lr"] = lr
+            if "betas" in g:
+                g["betas"] = (mom, g["betas"][1])
+            elif "momentum" in g:
+                g["momentum"] = mom
+
+    def step(self):
+        self.step_count += 1
+        self._apply()
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {"step_count": self.step_count, "init_lrs": list(self.init_lrs)}
+
+    def load_state_dict(self, state):
+        self.step_count = int(state["step_count"])
+        self.init_lrs = list(state["init_lrs"])
+        self._apply()
+
+
+class EpochScheduler:
+    """A torch epoch scheduler (MultiStepLR) behind the same step interface."""
+
+    per_step = False
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def step(self):
+        self.scheduler.step()
+
+    def get_last_lr(self):
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self):
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state):
+        self.scheduler.load_state_dict(state)
+
+
+class NoScheduler:
+    per_step = False
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def step(self):
+        pass
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def make_scheduler(optimizer, steps_per_epoch: int, scheduler="none", **params):
+    if scheduler == "OneCycleLR":
+        return OneCycleWithWarmup(optimizer, steps_per_epoch, **params)
+    if scheduler == "MultiStepLR":
+        return EpochScheduler(torch.optim.lr_scheduler.MultiStepLR(
+            optimizer, milestones=list(params["milestones"]), gamma=params["gamma"]))
+    if scheduler == "none":
+        return NoScheduler(optimizer)
+    raise ValueError(f"unknown scheduler {scheduler!r}")
