@@ -1,0 +1,18 @@
+"""Inference: predict-all, ensemble with the plate constraint, pseudo-labels, score.
+
+`python -m infer COMMAND --help`.  Modules, one job each:
+
+- `groups`   siRNA plate groups derived from train.csv; each test plate's group
+- `assign`   one-to-one (Hungarian) assignment of a plate's wells to its group
+- `ensemble` average logit files, apply the plate constraint, write submission.csv
+- `pseudo`   confident assigned test wells -> Part III train/valid CSVs
+- `score`    accuracy of a submission or of validation logits, per cell type
+- `predict`  stream the store through every checkpoint (imports torch)
+"""
+
+
+class InferError(ValueError):
+    """Bad input to inference: names the file, plate or id_code and what is wrong."""
+
+
+__all__ = ["InferError"]

@@ -1,0 +1,84 @@
+"""Part III inputs: confident, plate-assigned test wells added to every fold's train CSV.
+
+A test well becomes a pseudo-labelled row when the ensemble's probability of
+the siRNA the plate assignment gave it is at least `min_confidence`.  For each
+fold k of `folds_dir`, `train_k.csv` = the fold's labelled train rows + the
+pseudo rows, `valid_k.csv` = the fold's valid rows unchanged (validation stays
+on true labels), in the reference's schema
+`id_code,experiment,plate,well,sirna,experiment_type,dataset`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+
+from infer import InferError
+from infer.ensemble import build, write_atomic
+from infer.score import read_folds
+
+PSEUDO_COLUMNS = ("id_code", "experiment", "plate", "well", "sirna", "experiment_type", "dataset")
+
+
+def _schema(df: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    from shards.layout import cell_type_of
+
+    df = df.copy()
+    if "experiment_type" not in df.columns:
+        df["experiment_type"] = df["experiment"].map(cell_type_of)
+    if "dataset" not in df.columns:
+        df["dataset"] = dataset
+    return df[list(PSEUDO_COLUMNS)]
+
+
+def select_pseudo(result, min_confidence: float) -> pd.DataFrame:
+    """Pseudo rows (reference schema plus `confidence`) from an assigned ensemble."""
+    if result.assigned is None:
+        raise InferError("pseudo-labels need the plate assignment")
+    n = len(result.assigned)
+    conf = result.probs[np.arange(n), result.assigned].astype(np.float64)
+    keep = conf >= float(min_confidence)
+    w = result.wells[keep]
+    return pd.DataFrame({
+        "id_code": w["id_code"].to_numpy(), "experiment": w["experiment"].to_numpy(),
+        "plate": w["plate"].to_numpy(), "well": w["well"].to_numpy(),
+        "sirna": result.assigned[keep], "experiment_type": w["cell_type"].to_numpy(),
+        "dataset": "test", "confidence": conf[keep],
+    })
+
+
+def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5,
+                  model_names=None, extra_logits=None, temperature=1.0, min_margin=0.05) -> dict:
+    if not 0.0 <= float(min_confidence) <= 1.0:
+        raise InferError(f"--min-confidence {min_confidence}: must be a probability in [0, 1]")
+    if os.path.abspath(str(out_dir)) == os.path.abspath(str(folds_dir)):
+        raise InferError(f"--out-dir {out_dir} is the folds directory; writing there would "
+                         "overwrite the fold CSVs (use e.g. csv/pseudo)")
+    folds = read_folds(folds_dir)
+    result, _ = build(data_dir, predict_root, model_names, extra_logits or (), True,
+                      temperature, min_margin)
+    pseudo = select_pseudo(result, min_confidence)
+    n_test = len(result.wells)
+    print(f"{len(pseudo)} of {n_test} test wells have p(assigned siRNA) >= {min_confidence} "
+          "and become pseudo-labelled rows")
+    if pseudo.empty:
+        print("WARNING: no test well passed the threshold; the train CSVs hold train rows only")
+
+    os.makedirs(str(out_dir), exist_ok=True)
+    paths = []
+    pseudo_rows = pseudo[list(PSEUDO_COLUMNS)]
+    for k, (train, valid) in sorted(folds.items()):
+        if "dataset" in train.columns and (train["dataset"] != "train").any():
+            # A folds dir that already holds pseudo rows: start again from the true labels.
+            train = train[train["dataset"] == "train"]
+        train_k = pd.concat([_schema(train, "train"), pseudo_rows], ignore_index=True)
+        valid_k = _schema(valid, "train")
+        for name, df in ((f"train_{k}.csv", train_k), (f"valid_{k}.csv", valid_k)):
+            path = os.path.join(str(out_dir), name)
+            paths.append(write_atomic(path, lambda p, df=df: df.to_csv(p, index=False)))
+        print(f"fold {k}: {len(train)} train + {len(pseudo_rows)} pseudo rows, {len(valid)} valid")
+    write_atomic(os.path.join(str(out_dir), "pseudo_test.csv"),
+                 lambda p: pseudo.to_csv(p, index=False))
+    return dict(out_dir=str(out_dir), folds=sorted(folds), pseudo_rows=len(pseudo),
+                test_wells=n_test, min_confidence=float(min_confidence))
