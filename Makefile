@@ -8,8 +8,17 @@ DATA_DIR ?= data/tiny
 OUT_DIR  ?= out/tiny
 WORKERS  ?= $(shell nproc)
 PRESET   ?= tiny
+LOGS     ?= $(OUT_DIR)/logs
+PRED     ?= $(OUT_DIR)/pred
+MODEL    ?= se_resnext50_32x4d
+STAGE    ?= finetune
+# The demo's sweep; `make demo CHANNELS=all FOLDS=all` runs the reference's 6 subsets x 5 folds.
+CHANNELS ?= [1,2,3,4,5];[1,2,3,5,6]
+FOLDS    ?= 0,1
+DEMO_OUT ?= demo_out
 
-.PHONY: setup test synth folds shards verify demo bench bench-prep bench-loader bench-train clean
+.PHONY: setup test synth folds shards verify train-control train-finetune train-pseudo \
+        predict ensemble demo bench bench-prep bench-loader bench-train clean
 
 setup: $(STAMP)
 
@@ -34,9 +43,26 @@ shards: $(STAMP)
 verify: $(STAMP)
 	$(PY) -m prep verify $(OUT_DIR)
 
+# Full sweeps on a real store (GPU: prefix with torchrun, see README).
+train-control: $(STAMP)
+	$(PY) -m train control --shards $(OUT_DIR) --logdir $(LOGS) --model-name $(MODEL) --channels all
+
+train-finetune: $(STAMP)
+	$(PY) -m train finetune --shards $(OUT_DIR) --logdir $(LOGS) --model-name $(MODEL) --channels all --fold all
+
+train-pseudo: $(STAMP)
+	$(PY) -m train pseudo --shards $(OUT_DIR) --logdir $(LOGS) --model-name $(MODEL) --channels all --fold all
+
+predict: $(STAMP)
+	$(PY) -m infer predict-all --shards $(OUT_DIR) --data-dir $(DATA_DIR) --model-root $(LOGS)/$(STAGE) \
+		--model-name $(MODEL) --out-dir $(PRED)/$(STAGE)
+
+ensemble: $(STAMP)
+	$(PY) -m infer ensemble --data-dir $(DATA_DIR) --predict-root $(PRED)/$(STAGE) \
+		--out $(PRED)/$(STAGE)/submission.csv
+
 demo: $(STAMP)
-	@echo "make demo: not yet — the end-to-end demo lands with the trainer and inference issues."
-	@echo "What works today: make synth PRESET=demo DATA_DIR=data/demo"
+	$(PY) -m demo --out-dir $(DEMO_OUT) --channels "$(CHANNELS)" --folds "$(FOLDS)"
 
 bench: bench-prep bench-loader bench-train
 
@@ -50,4 +76,4 @@ bench-train: $(STAMP)
 	$(PY) -m bench.train
 
 clean:
-	rm -rf out data .pytest_cache
+	rm -rf out data $(DEMO_OUT) .pytest_cache
