@@ -25,6 +25,7 @@ import pandas as pd
 from infer import InferError
 from infer.assign import assign_plates, log_softmax
 from infer.groups import Groups, derive_groups, format_plate_table, infer_plate_groups
+from shards.atomic import write_atomic
 from shards.layout import CONTROL_BASE, cell_type_of, parse_channels, parse_id_code
 from shards.metadata import load_wells, read_csv_checked
 
@@ -299,17 +300,3 @@ def order_like_sample(sub: pd.DataFrame, data_dir) -> pd.DataFrame:
     if left:
         print(f"WARNING: {left} test well(s) are not in {path}; they are left out of the submission")
     return sub.set_index("id_code").loc[sample.to_numpy()].reset_index()
-
-
-def write_atomic(path: str, write) -> str:
-    """Write via a temporary name and rename, so a killed run leaves no half file."""
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.{os.getpid()}.tmp{ext}"  # keep the extension: np.save appends .npy otherwise
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path

@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from shards.atomic import write_atomic
 from shards.metadata import load_wells
 
 FOLD_COLUMNS = ("id_code", "experiment", "plate", "well", "sirna", "experiment_type", "dataset")
@@ -66,12 +67,4 @@ def write_folds(data_dir, n_folds=5, out_dir="csv", seed=0) -> list[str]:
 
 def _write_csv_atomic(df: pd.DataFrame, path: str) -> str:
     # A killed run must never leave a half-written fold that a trainer would read.
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
