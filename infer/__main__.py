@@ -5,7 +5,7 @@
     python -m infer ensemble --data-dir DATA --predict-root PRED [--model-names a,b] \\
         [--extra-logits f.npy,g.npy] [--out submission.csv] [--no-assign] [--temperature 1]
     python -m infer pseudo-labels --data-dir DATA --predict-root PRED --folds-dir csv \\
-        --out-dir csv/pseudo [--min-confidence 0.5]
+        --out-dir csv/pseudo [--min-confidence 0.5] [--confidence group|full]
     python -m infer score --submission submission.csv --truth DATA/test_truth.csv
     python -m infer score --predict-root PRED --split valid --folds-dir csv
 
@@ -51,12 +51,16 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
 
 
 def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5,
-                  model_names=None, extra_logits=None, temperature=1.0, min_margin=0.05):
-    """Part III CSVs: each fold's train rows + test wells whose assigned siRNA has p >= min_confidence."""
+                  model_names=None, extra_logits=None, temperature=1.0, min_margin=0.05,
+                  confidence="group"):
+    """Part III CSVs: each fold's train rows + test wells whose assigned siRNA has p >= min_confidence.
+
+    --confidence group (default) measures p within the plate's siRNA group; full uses the plain softmax.
+    """
     from infer.pseudo import pseudo_labels as run
     return run(data_dir, predict_root, folds_dir, out_dir, min_confidence=min_confidence,
                model_names=model_names, extra_logits=extra_logits, temperature=temperature,
-               min_margin=min_margin)
+               min_margin=min_margin, confidence=confidence)
 
 
 def score(submission=None, truth=None, predict_root=None, split="valid", folds_dir=None,

@@ -174,7 +174,9 @@ def test_sample_submission_with_unknown_ids_errors(setup):
         ensemble(s["data"], s["pred"], out=str(s["tmp"] / "x.csv"))
 
 
-def test_pseudo_labels_keep_only_confident_test_wells(setup):
+@pytest.mark.parametrize("mode", ["full", "group"])
+def test_pseudo_labels_keep_only_confident_test_wells(setup, mode):
+    from infer.ensemble import load_train_groups
     from prep.folds import write_folds
 
     s = setup
@@ -186,12 +188,16 @@ def test_pseudo_labels_keep_only_confident_test_wells(setup):
     ids = pd.read_csv(s["tmp"] / "sub.ids.csv")["id_code"]
     assigned = pd.read_csv(out).set_index("id_code").loc[ids, "sirna"].to_numpy()
     conf = probs[np.arange(len(ids)), assigned]
+    if mode == "group":  # renormalize by hand over the assigned siRNA's group
+        members = {int(x): m for m in load_train_groups(s["data"]).members for x in m}
+        conf = conf / np.array([probs[i, members[int(a)]].sum() for i, a in enumerate(assigned)])
     p = float(np.quantile(conf, 0.6))
     expected = set(ids[conf >= p])
     assert 0 < len(expected) < len(ids)   # the threshold bites
 
     res = cli("pseudo-labels", "--data-dir", s["data"], "--predict-root", s["pred"],
-              "--folds-dir", folds_dir, "--out-dir", folds_dir / "pseudo", "--min-confidence", p)
+              "--folds-dir", folds_dir, "--out-dir", folds_dir / "pseudo", "--min-confidence", p,
+              "--confidence", mode)
     assert res["pseudo_rows"] == len(expected) and res["folds"] == [0, 1]
     truth_by_id = dict(zip(ids, assigned))
     for k in (0, 1):
