@@ -90,7 +90,7 @@ def _curves(logdir: str, model: str, out_png: str) -> None:
 
 def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_folds=5,
          preset="demo", seed=0, config_overrides="configs/demo.yml", model_name="resnet18",
-         workers=None, fresh=False):
+         workers=None, fresh=False, min_confidence=0.6):
     """Run synth -> shards -> verify -> folds -> control -> finetune -> ensemble ->
     pseudo-labels -> pseudo -> ensemble -> score, and print the results table."""
     from infer.score import score_submission
@@ -136,7 +136,7 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_
         root = os.path.join(pred, part)
         predict = [PY, "-m", "infer", "predict-all", "--shards", store, "--data-dir", data,
                    "--model-root", os.path.join(logs, part), "--model-name", model_name,
-                   "--out-dir", root]
+                   "--out-dir", root, "--tta", "8"]
         step(f"predict {part}", predict,
              [PY, "-m", "infer", "ensemble", "--data-dir", data, "--predict-root", root,
               "--no-assign", "--out", os.path.join(root, "submission_no_assign.csv")],
@@ -147,7 +147,8 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_
     ft_root = predict_and_ensemble("finetune")
     step("pseudo-labels", [PY, "-m", "infer", "pseudo-labels", "--data-dir", data,
                            "--predict-root", ft_root, "--folds-dir", csv,
-                           "--out-dir", os.path.join(csv, "pseudo")])
+                           "--out-dir", os.path.join(csv, "pseudo"),
+                           "--min-confidence", str(min_confidence)])
     step("pseudo", *[[PY, "-m", "train", "pseudo", "--channels", c, "--fold", str(k),
                       *train_args] for c in chans for k in fold_list])
     ps_root = predict_and_ensemble("pseudo")
