@@ -65,6 +65,7 @@ demo: $(STAMP)
 	$(PY) -m demo --out-dir $(DEMO_OUT) --channels "$(CHANNELS)" --folds "$(FOLDS)"
 
 bench: bench-prep bench-loader bench-train
+	$(PY) -m bench.report
 
 bench-prep: $(STAMP)
 	$(PY) -m bench.prep

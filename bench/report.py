@@ -1,0 +1,77 @@
+"""`make bench` (last step): merge bench/results_{prep,loader,train}.json into
+bench/results.json and a markdown table bench/results.md, with the machine."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load(name):
+    path = os.path.join(HERE, f"results_{name}.json")
+    return json.load(open(path)) if os.path.isfile(path) else None
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
+
+
+def table(results: dict) -> str:
+    lines = [f"Measured on: {results['machine']}", "",
+             "| benchmark | figure | value | goal |", "| --- | --- | --- | --- |"]
+    p = results.get("prep")
+    if p:
+        for k, s in sorted(p["sizes"].items()):
+            lines.append(f"| prep, {s['experiments']} exp. ({s['sites']} sites, 512 px) | sites/s (pure decode) | "
+                         f"{s['prep_sites_per_s']:.1f} ({s['decode_sites_per_s']:.1f}) | |")
+            lines.append(f"| | ratio to pure decode | {s['ratio_to_decode']:.2f} | ≥ 0.8 |")
+            lines.append(f"| | store + shards bytes / PNG bytes | {s['zarr_bytes'] / s['png_bytes']:.2f} + "
+                         f"{s['shard_bytes'] / s['png_bytes']:.2f} | |")
+            lines.append(f"| | peak RSS, process tree | {s['peak_rss_tree_mb']:.0f} MB | flat |")
+    ld = results.get("loader")
+    if ld:
+        for name, c in ld["cases"].items():
+            lines.append(f"| loader, 512 px, 5 ch, augment, batch {ld['batch_size']} | {name} samples/s | "
+                         f"{c['samples_per_s']:.0f} | |")
+        r = ld["ratios"]
+        lines.append(f"| | DALI-CPU / reference-style | {r['dali_cpu_vs_reference']:.2f}× | ≥ 5× |")
+        lines.append(f"| | DALI-CPU / raw read | {r['dali_cpu_vs_raw_read']:.2f} | ≥ 0.2 |")
+    t = results.get("train")
+    if t:
+        for name, c in t["cases"].items():
+            lines.append(f"| train {c['model']} {c['image_size']} px, batch {c['batch_size']} | "
+                         f"img/s synthetic / with loader | {c['synthetic']['images_per_s']:.1f} / "
+                         f"{c['loader']['images_per_s']:.1f} | loader keeps up |")
+    return "\n".join(lines)
+
+
+def main():
+    results = {"machine": machine()}
+    for name in ("prep", "loader", "train"):
+        r = _load(name)
+        if r is not None:
+            results[name] = r
+    with open(os.path.join(HERE, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    md = table(results)
+    with open(os.path.join(HERE, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    print("\nwrote bench/results.json and bench/results.md")
+
+
+if __name__ == "__main__":
+    main()
