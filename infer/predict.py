@@ -30,6 +30,7 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+from common.distributed import Dist, init_distributed
 from infer import InferError
 from infer.ensemble import IDS_FILE, PRED_FILE, load_test_wells, write_atomic
 from shards.layout import CONTROL_BASE, channels_dirname, parse_channels
@@ -219,32 +220,11 @@ def tta_views(images: torch.Tensor, tta: int):
         raise InferError(f"--tta {tta}: choose one of {TTA_CHOICES}")
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
 def setup(device=None) -> tuple[Dist, torch.device]:
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK; one GPU per rank, NCCL on GPU, gloo on CPU."""
-    d = Dist(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-             int(os.environ.get("LOCAL_RANK", "0")))
-    want = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if str(want).startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise InferError(f"--device {want}: no CUDA device is visible")
-        dev = torch.device(f"cuda:{d.local_rank}" if want == "cuda" or d.enabled else want)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device("cpu")
-    if d.enabled and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return d, dev
+    try:
+        return init_distributed(device)
+    except ValueError as e:
+        raise InferError(f"--device: {e}") from None
 
 
 @torch.no_grad()

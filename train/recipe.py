@@ -21,7 +21,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shards
+from common.distributed import Dist, init_distributed
 from train import checkpoint as ckpt
 from train.config import Config, dump_yaml
 from train.data import selections
@@ -44,38 +44,11 @@ from train.schedule import make_optimizer, make_scheduler
 KILL_ENV = "CELLSHARD_KILL_AFTER_EPOCH"
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
 def setup_distributed(cfg: Config) -> tuple[Dist, torch.device]:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPU, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    want = cfg.args.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"args.device is {cfg.args.device!r} but no CUDA device is visible")
-        device = torch.device(f"cuda:{d.local_rank}" if want == "cuda" or d.enabled else want)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if d.enabled and not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return d, device
+    try:
+        return init_distributed(cfg.args.device)
+    except ValueError as e:
+        raise RuntimeError(f"args.device: {e}") from None
 
 
 def barrier(d: Dist) -> None:
