@@ -36,25 +36,13 @@ import time
 import numpy as np
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-OUT = os.path.join(HERE, "out")
-DATA = os.path.join(OUT, "data_full1")
-STORE = os.path.join(OUT, "loader_store1")
+from bench.full_store import DATA, HERE, REPO, STORE, ensure_store
+from bench.proc_tree import tree_rss
+
 RESULTS = os.path.join(HERE, "results_loader.json")
 CHANNELS = (1, 2, 3, 5, 6)
 BATCH = 32
 DROPOUT = 0.1
-
-
-def ensure_store(workers):
-    if not os.path.isfile(os.path.join(DATA, "synth.json")):
-        subprocess.run([sys.executable, "-m", "prep", "synth", "--preset", "full",
-                        "--experiments", "1", "--out-dir", DATA, "--workers", str(workers)],
-                       cwd=REPO, check=True)
-    if not os.path.isfile(os.path.join(STORE, "manifest.json")):
-        subprocess.run([sys.executable, "-m", "prep", "shards", "--data-dir", DATA,
-                        "--out-dir", STORE, "--workers", str(workers)], cwd=REPO, check=True)
 
 
 def warm_page_cache(paths):
@@ -210,26 +198,6 @@ class DaliBatch:
             yield images.clone(), r.clone()
 
 
-def tree_rss_mb(pid=None):
-    """Summed RSS of a process and its descendants (shared pages counted in each)."""
-    pid = pid or os.getpid()
-    parent, rss = {}, {}
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{d}/statm") as f:
-                rss[int(d)] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            pass
-    tree, todo = {pid}, [pid]
-    while todo:
-        p = todo.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
-        tree.update(kids), todo.extend(kids)
-    return sum(rss.get(p, 0) for p in tree) / 2**20
-
-
 def measure(case, workers, batches, warmup):
     torch.set_num_threads(workers)
     peak = [0.0]
@@ -237,7 +205,7 @@ def measure(case, workers, batches, warmup):
 
     def sample():
         while not done.wait(0.25):
-            peak[0] = max(peak[0], tree_rss_mb())
+            peak[0] = max(peak[0], tree_rss()[0] / 2**20)
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
     loader = make(case, workers)

@@ -25,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from numcodecs import Zstd
 
+from bench.proc_tree import tree_rss
 from prep.png_io import read_site, site_paths
 
 
@@ -89,28 +90,6 @@ def pure_decode(data_dir, workers):
     return time.perf_counter() - t0, _children_cpu() - cpu0
 
 
-def _tree_rss(root):
-    """RSS bytes of `root` and all its descendants: (sum, largest single process)."""
-    parent, rss = {}, {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-                rss[int(d)] = int(open(f"/proc/{d}/statm").read().split()[1]) * page
-                parent[int(d)] = int(stat[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    tree, frontier = {root}, [root]
-    while frontier:
-        p = frontier.pop()
-        kids = [c for c, pp in parent.items() if pp == p and c not in tree]
-        tree.update(kids)
-        frontier += kids
-    sizes = [rss.get(p, 0) for p in tree]
-    return sum(sizes), max(sizes)
-
-
 def run_prep(data_dir, out_dir, workers):
     """Wall seconds, CPU seconds and peak RSS (tree sum, largest process) of
     `python -m prep shards` into a fresh `out_dir`."""
@@ -123,7 +102,7 @@ def run_prep(data_dir, out_dir, workers):
 
     def sample():
         while proc.poll() is None:
-            total, largest = _tree_rss(proc.pid)
+            total, largest = tree_rss(proc.pid)
             peak[0], peak[1] = max(peak[0], total), max(peak[1], largest)
             time.sleep(0.1)
     t = threading.Thread(target=sample)

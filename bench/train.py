@@ -21,34 +21,20 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-OUT = os.path.join(HERE, "out")
-DATA = os.path.join(OUT, "data_full1")
-STORE = os.path.join(OUT, "loader_store1")
+from bench.full_store import HERE, REPO, STORE, ensure_store
+
 RESULTS = os.path.join(HERE, "results_train.json")
 CHANNELS = (1, 2, 3, 5, 6)
 CASES = {  # name: (timm model, image size, default batch on CPU, on GPU)
     "small": ("resnet18", 128, 32, 128),
     "senet": ("se_resnext50_32x4d", 256, 16, 64),
 }
-
-
-def ensure_store(workers):
-    if not os.path.isfile(os.path.join(DATA, "synth.json")):
-        subprocess.run([sys.executable, "-m", "prep", "synth", "--preset", "full", "--experiments",
-                        "1", "--out-dir", DATA, "--workers", str(workers)], cwd=REPO, check=True)
-    if not os.path.isfile(os.path.join(STORE, "manifest.json")):
-        subprocess.run([sys.executable, "-m", "prep", "shards", "--data-dir", DATA, "--out-dir",
-                        STORE, "--workers", str(workers)], cwd=REPO, check=True)
 
 
 def sync(device):

@@ -21,7 +21,8 @@ from numcodecs import Zstd
 
 from prep.png_io import read_site, site_paths
 from prep.site_stats import channel_stats
-from prep.tar_writer import TarWriter, format_index
+from prep.tar_writer import TarWriter
+from shards.dali_index import format_index
 from shards.layout import N_CHANNELS, STAT_NAMES, sample_key
 from shards.manifest import SHARDS_DIR, STORE_NAME, atomic_write
 

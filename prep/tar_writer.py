@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import tarfile
 
-from shards.dali_index import format_index, parse_index  # noqa: F401  (re-exported for prep)
 
 BLOCK = 512
 

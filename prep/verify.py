@@ -15,7 +15,7 @@ import tarfile
 import numpy as np
 
 from prep.png_io import PngError, read_site, site_paths
-from prep.tar_writer import parse_index
+from shards.dali_index import parse_index
 from shards.layout import sample_key
 from shards.manifest import fingerprint, sha256_file, source_files
 from shards.store import open_store

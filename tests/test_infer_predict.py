@@ -1,7 +1,6 @@
 """predict-all: runs under a model root, TTA views, per-well averaging; end to end on tiny."""
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
@@ -116,14 +115,6 @@ def test_checkpoint_that_disagrees_with_its_folder_errors(tmp_path):
 
 # ------------------------------------------------------------------ end to end on the tiny preset
 
-_HAVE_LOADER = importlib.util.find_spec("shards.loader") is not None
-_HAVE_TRAINER = importlib.util.find_spec("train.recipe") is not None
-needs_stack = pytest.mark.skipif(
-    not (_HAVE_LOADER and _HAVE_TRAINER),
-    reason="needs shards.loader (make_loader) and train (load_for_inference); "
-           + ", ".join(m for m, ok in (("shards.loader", _HAVE_LOADER), ("train.recipe", _HAVE_TRAINER))
-                       if not ok) + " not present yet")
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "test_resnet"   # configs/tiny.yml's model
 
@@ -165,7 +156,6 @@ def tiny_run(tiny_data, tiny_store, tmp_path_factory):
     return dict(model_root=model_root, tmp=tmp, valid_csv=str(tmp / "oracle_valid.csv"))
 
 
-@needs_stack
 def test_predict_all_writes_the_layout_in_test_csv_order(tiny_run, tiny_data, tiny_store):
     from infer.__main__ import main
 
@@ -204,7 +194,6 @@ def test_predict_all_writes_the_layout_in_test_csv_order(tiny_run, tiny_data, ti
     assert again["files"] == res["files"]
 
 
-@needs_stack
 def test_checkpoint_in_the_wrong_channel_folder_errors(tiny_run, tiny_store, tmp_path):
     import shutil
 
@@ -220,7 +209,6 @@ def test_checkpoint_in_the_wrong_channel_folder_errors(tiny_run, tiny_store, tmp
         predict_all(tiny_store, str(root), "densenet121", str(tmp_path / "pred"))
 
 
-@needs_stack
 def test_group_inference_from_trained_logits_is_right_for_every_tiny_plate(tiny_run, tiny_data,
                                                                           tiny_store, capsys):
     from infer.ensemble import build

@@ -1,7 +1,6 @@
 """shards.metadata: the wells and sites tables from the Kaggle CSVs, and the errors for bad CSVs."""
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -268,9 +267,6 @@ def test_load_wells_fast_on_real_size(tmp_path):
     assert time.perf_counter() - t < 5
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "prep",
-                                                    "synth.py")),
-                    reason="prep/synth.py not present")
 def test_load_sites_on_synthetic_tiny(tmp_path):
     out = tmp_path / "tiny"
     # smallest images and two experiments (one per split): only the CSVs matter here

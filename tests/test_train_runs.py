@@ -10,11 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-try:
-    import shards.loader  # noqa: F401
-except ImportError:  # the loader is another issue; these tests need it
-    pytest.skip("shards.loader (make_loader) not available", allow_module_level=True)
-
 from train import checkpoint as ckpt
 from train import load_for_inference
 from train.config import load_config
