@@ -54,16 +54,23 @@ def _folds(folds, n_folds) -> list[int]:
     return [int(f) for f in (folds if isinstance(folds, (list, tuple)) else str(folds).split(","))]
 
 
+def _runs(logdir: str, part: str, model: str):
+    """(run label such as `[1,2,3,4,5]/fold_0`, its metrics.jsonl rows) for every run of a part."""
+    for path in sorted(glob.glob(os.path.join(logdir, part, "**", model, "metrics.jsonl"),
+                                 recursive=True)):
+        label = os.path.relpath(os.path.dirname(os.path.dirname(path)), os.path.join(logdir, part))
+        yield label, [json.loads(line) for line in open(path) if line.strip()]
+
+
 def _best_metrics(logdir: str, part: str, model: str) -> dict:
     """Mean over runs of each run's best epoch (by accuracy03) on its validation wells."""
-    top1, top3 = [], []
-    for path in glob.glob(os.path.join(logdir, part, "**", model, "metrics.jsonl"), recursive=True):
-        rows = [json.loads(line) for line in open(path) if line.strip()]
-        best = max(rows, key=lambda r: (r.get("valid_accuracy03", 0), -r["epoch"]))
-        top1.append(best["valid_accuracy01"])
-        top3.append(best["valid_accuracy03"])
-    n = len(top1)
-    return dict(runs=n, valid_top1=sum(top1) / n if n else None, valid_top3=sum(top3) / n if n else None)
+    best = [max(rows, key=lambda r: (r.get("valid_accuracy03", 0), -r["epoch"]))
+            for _, rows in _runs(logdir, part, model)]
+    n = len(best)
+    if not n:
+        return dict(runs=0, valid_top1=None, valid_top3=None)
+    return dict(runs=n, valid_top1=sum(b["valid_accuracy01"] for b in best) / n,
+                valid_top3=sum(b["valid_accuracy03"] for b in best) / n)
 
 
 def _curves(logdir: str, model: str, out_png: str) -> None:
@@ -72,11 +79,7 @@ def _curves(logdir: str, model: str, out_png: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), sharey=True)
     for ax, part in zip(axes, ("control", "finetune", "pseudo")):
-        for path in sorted(glob.glob(os.path.join(logdir, part, "**", model, "metrics.jsonl"),
-                                     recursive=True)):
-            rows = [json.loads(line) for line in open(path) if line.strip()]
-            label = os.path.relpath(os.path.dirname(path), os.path.join(logdir, part))
-            label = label.replace(os.sep + model, "")
+        for label, rows in _runs(logdir, part, model):
             ax.plot([r["epoch"] for r in rows], [r["valid_accuracy01"] for r in rows], label=label)
         ax.set_title(f"{part}: validation top-1 per epoch")
         ax.set_xlabel("epoch")
