@@ -1,1 +1,3 @@
-"""Small helpers shared by train and infer that are not data (those live in shards)."""
+"""Helpers shared by prep, train, infer, demo and bench that are not data (data lives in shards):
+errors (the one CLI error policy), arglists (channel/fold list options), run_layout (where runs
+and predictions live), precision (the AMP choice), well_logits (sites -> wells), distributed."""

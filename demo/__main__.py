@@ -21,6 +21,7 @@ import time
 
 import fire
 
+from common.run_layout import channels_dirname
 from shards import layout
 
 PY = sys.executable
@@ -121,7 +122,7 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_
 
     train_args = ["--overrides", config_overrides, "--shards", store, "--logdir", logs,
                   "--model-name", model_name]
-    chans = [layout.channels_dirname(c) for c in subsets]
+    chans = [channels_dirname(c) for c in subsets]
 
     if not os.path.isfile(os.path.join(data, "synth.json")):
         step("synth", [PY, "-m", "prep", "synth", "--preset", preset, "--seed", str(seed),

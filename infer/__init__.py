@@ -10,8 +10,10 @@
 - `predict`  stream the store through every checkpoint (imports torch)
 """
 
+from common.errors import BadInput
 
-class InferError(ValueError):
+
+class InferError(BadInput):
     """Bad input to inference: names the file, plate or id_code and what is wrong."""
 
 

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from common.distributed import Dist, init_distributed
 from infer import InferError
 from infer.ensemble import IDS_FILE, PRED_FILE, load_test_wells, write_atomic
-from shards.layout import CONTROL_BASE, channels_dirname, parse_channels
+from common.run_layout import channels_dirname
+from shards.layout import CONTROL_BASE, parse_channels
 
 TTA_CHOICES = (1, 2, 8)
 _FOLD_RE = re.compile(r"^fold_(\d+)$")

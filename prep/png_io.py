@@ -5,13 +5,15 @@ straight into a numpy array, and checked on the way; every error names the file.
 """
 from __future__ import annotations
 
+from common.errors import BadInput
+
 import numpy as np
 from PIL import Image
 
 from shards.layout import CHANNELS, png_path
 
 
-class PngError(ValueError):
+class PngError(BadInput):
     """A source PNG is missing, unreadable, or not the 8-bit grayscale image prep expects."""
 
 

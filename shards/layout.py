@@ -126,8 +126,3 @@ def parse_channels(channels: str | int | Iterable[int]) -> tuple[int, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"channel subset {list(out)} repeats a channel")
     return out
-
-
-def channels_dirname(channels: Sequence[int]) -> str:
-    """Folder name of a channel subset, as in the reference: `[1,2,3,4,5]`."""
-    return "[" + ",".join(str(int(c)) for c in channels) + "]"

@@ -5,6 +5,8 @@ readers call `read_manifest`, which refuses anything but this format version.
 """
 from __future__ import annotations
 
+from common.errors import BadInput
+
 import hashlib
 import json
 import os
@@ -22,7 +24,7 @@ REQUIRED_KEYS = ("format", "format_version", "image_shape", "dtype", "layout",
                  "channel_order", "codec", "n_sites", "sites_table", "source", "shards")
 
 
-class ManifestError(ValueError):
+class ManifestError(BadInput):
     """A manifest is missing, unreadable, or of another format or version."""
 
 

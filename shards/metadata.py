@@ -9,6 +9,8 @@ are visited one by one only to word the message for the first bad one.
 """
 from __future__ import annotations
 
+from common.errors import BadInput
+
 import os
 from typing import Sequence
 
@@ -27,7 +29,7 @@ from shards.layout import (
 )
 
 
-class MetadataError(ValueError):
+class MetadataError(BadInput):
     """A metadata CSV is missing, malformed or inconsistent with the RxRx1 layout."""
 
 

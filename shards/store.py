@@ -13,6 +13,8 @@ so a reader never silently trains on a store it does not understand.
 """
 from __future__ import annotations
 
+from common.errors import BadInput
+
 import os
 from dataclasses import dataclass, field
 
@@ -29,7 +31,7 @@ _SITES_DTYPES = {"row": np.int64, "split": str, "id_code": str, "experiment": st
                  "sirna": np.int64, "well_type": str}
 
 
-class StoreError(ValueError):
+class StoreError(BadInput):
     """A store is missing, incomplete, of another format version, or inconsistent."""
 
 

@@ -11,6 +11,8 @@ read-only view with attribute access over the resolved nested dict.
 """
 from __future__ import annotations
 
+from common.errors import BadInput
+
 import copy
 import os
 import re
@@ -18,8 +20,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from shards.layout import (CONTROL_BASE, N_CONTROLS, N_TREATMENTS, NORM_MODES,
-                           channels_dirname, parse_channels)
+from common.run_layout import channels_dirname
+from shards.layout import CONTROL_BASE, N_CONTROLS, N_TREATMENTS, NORM_MODES, parse_channels
 
 PARTS = ("control", "finetune", "pseudo")
 # The reference's `data_params.dataset` names of the three parts.
@@ -120,7 +122,7 @@ STAGE_DEFAULTS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """A config that cannot run; the message names the key and what is wrong."""
 
 
