@@ -22,7 +22,7 @@ from numcodecs import Zstd
 from prep.png_io import read_site, site_paths
 from prep.site_stats import channel_stats
 from prep.tar_writer import TarWriter
-from shards.dali_index import format_index
+from shards.dali_index import JSON, PIXELS, ROW, format_index
 from shards.layout import N_CHANNELS, STAT_NAMES, sample_key
 from shards.manifest import SHARDS_DIR, STORE_NAME, atomic_write
 
@@ -114,5 +114,5 @@ def _write_site(out_dir, zstd, writer, row, pixels):
     atomic_write(chunk_path(out_dir, row["row"]), zstd.encode(pixels))
     meta = json.dumps({**row, "shape": list(pixels.shape)}, separators=(",", ":"))
     writer.add(sample_key(row["id_code"], row["site"]),
-               [("pixels", pixels), ("row", np.array(row["row"], "<i8").tobytes()),
-                ("json", meta.encode())])
+               [(PIXELS, pixels), (ROW, np.array(row["row"], "<i8").tobytes()),
+                (JSON, meta.encode())])

@@ -15,7 +15,7 @@ import tarfile
 import numpy as np
 
 from prep.png_io import PngError, read_site, site_paths
-from shards.dali_index import parse_index
+from shards.dali_index import JSON, PIXELS, ROW, parse_index
 from shards.layout import sample_key
 from shards.manifest import fingerprint, sha256_file, source_files
 from shards.store import open_store
@@ -115,7 +115,7 @@ def _check_site(store, row, data_dir, where) -> list[str]:
             off, size = members.get(ext, (0, 0))
             f.seek(off)
             return f.read(size)
-        pixels, row_bytes, meta = member("pixels"), member("row"), member("json")
+        pixels, row_bytes, meta = member(PIXELS), member(ROW), member(JSON)
     if pixels != source.tobytes():
         problems.append(f"{tar}: sample {key} pixels differ from the source PNGs")
     if row_bytes != np.array(row, "<i8").tobytes():

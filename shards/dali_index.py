@@ -1,27 +1,45 @@
-"""The DALI webdataset index format: written by prep, read by the loader and verify.
+"""The tar sample members and the DALI webdataset index format: one home for both.
 
-One `v1.2 <n samples>` line, then one line per sample listing
+A sample of a tar shard is three members, `<key>.pixels` (raw uint8 HWC),
+`<key>.row` (its row in the sites table, int64 little-endian) and `<key>.json`
+(its metadata), in that order; prep writes them, the loader reads the first
+two, verify reads all three.
+
+The index: one `v1.2 <n samples>` line, then one line per sample listing
 `ext offset size name` for each of its members (what nvidia.dali's wds2idx
 writes and `fn.readers.webdataset` reads). A filtered copy of the lines reads a
-subset of the tar.
+subset of the tar, which is how the loader selects and orders an epoch.
 """
 from __future__ import annotations
 
+PIXELS = "pixels"
+ROW = "row"
+JSON = "json"
+MEMBERS = (PIXELS, ROW, JSON)  # the order of a sample's members in the tar
+READ_MEMBERS = (PIXELS, ROW)  # what the loader reads, in the order DALI returns them
+
 DALI_INDEX_VERSION = "v1.2"
 
-Entry = list[tuple[str, int, int, str]]
+Member = tuple[str, int, int, str]  # (ext, data offset, size, member name)
+Entry = list[Member]
 
 
-def format_index(index: list[list[tuple[str, int, int, str]]]) -> str:
-    """The DALI webdataset index: a `v1.2 <n samples>` line, then one line per sample
-    listing `ext offset size name` for each of its members."""
-    lines = [f"{DALI_INDEX_VERSION} {len(index)}"]
-    lines += [" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in entry)
-              for entry in index]
-    return "\n".join(lines) + "\n"
+def format_entry(entry) -> str:
+    """One index line: `ext offset size name` for each member of one sample."""
+    return " ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in entry)
 
 
-def parse_index(text: str) -> list[list[tuple[str, int, int, str]]]:
+def join_index(lines: list[str]) -> str:
+    """An index file's text from lines made by `format_entry` (the header counts them)."""
+    return "".join([f"{DALI_INDEX_VERSION} {len(lines)}\n", *(line + "\n" for line in lines)])
+
+
+def format_index(index: list[Entry]) -> str:
+    """The DALI webdataset index of samples `index` (per sample, its members)."""
+    return join_index([format_entry(entry) for entry in index])
+
+
+def parse_index(text: str) -> list[Entry]:
     """Inverse of `format_index`; ValueError if the text is not a v1.2 index."""
     lines = text.splitlines()
     head = lines[0].split() if lines else []

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from shards.dali_index import READ_MEMBERS, join_index
+
 READER = "reader"
 
 
@@ -56,8 +58,7 @@ def write_filtered_index(run_dir: str, tag: str, rows: np.ndarray, where: dict,
         lines = where["lines"][s]
         path = os.path.join(run_dir, f"{tag}-{k:05d}.idx")
         with open(path, "w") as f:
-            f.write(f"v1.2 {b - a}\n")
-            f.writelines(lines[p] + "\n" for p in where["position"][rows[a:b]])
+            f.write(join_index([lines[p] for p in where["position"][rows[a:b]]]))
         tars.append(shard_paths[s])
         indexes.append(path)
     return tars, indexes
@@ -69,7 +70,7 @@ def site_pipeline(tars, indexes, image_shape, augment, on_gpu):
     # dont_use_mmap: a pipeline lives one epoch, and re-mapping 0.75 GB shards each
     # epoch page-faults every 4 KiB; plain reads were faster here and halve the RSS.
     pixels, rows = fn.readers.webdataset(
-        paths=tars, index_paths=indexes, ext=["pixels", "row"],
+        paths=tars, index_paths=indexes, ext=list(READ_MEMBERS),
         dtypes=[types.UINT8, types.INT64], pad_last_batch=True, dont_use_mmap=True,
         name=READER)
     image = fn.reshape(pixels, shape=list(image_shape), layout="HWC")

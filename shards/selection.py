@@ -21,8 +21,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from shards.dali_index import parse_index
-from shards.layout import SITES, SPLITS
+from shards.dali_index import PIXELS, READ_MEMBERS, format_entry, parse_index
+from shards.layout import SITES, SPLITS, sample_key
 
 SITE_MODES = ("random", "two", "one")
 DEFAULT_LABEL_COLUMN = "sirna"
@@ -211,7 +211,8 @@ def locate_rows(sites: pd.DataFrame, shard_paths: list[str], index_paths: list[s
     which the DALI reader returns, must agree (the tests check it does).
     """
     n = len(sites)
-    key_to_row = dict(zip(sites["id_code"] + "_s" + sites["site"].astype(str), sites["row"]))
+    key_to_row = {sample_key(i, s): r
+                  for i, s, r in zip(sites["id_code"], sites["site"], sites["row"])}
     out = {"shard": np.full(n, -1, np.int64), "position": np.zeros(n, np.int64),
            "offset": np.zeros(n, np.int64), "size": np.zeros(n, np.int64), "lines": []}
     for s, path in enumerate(index_paths):
@@ -223,9 +224,10 @@ def locate_rows(sites: pd.DataFrame, shard_paths: list[str], index_paths: list[s
         lines = []
         for i, entry in enumerate(entries):
             members = {ext: (ext, off, size, name) for ext, off, size, name in entry}
-            if "pixels" not in members or "row" not in members:
-                raise ValueError(f"{path}: sample {i + 1} lacks a pixels or row member ({entry!r})")
-            key = members["pixels"][3].rsplit(".", 1)[0]
+            if any(ext not in members for ext in READ_MEMBERS):
+                raise ValueError(f"{path}: sample {i + 1} lacks a {' or '.join(READ_MEMBERS)} "
+                                 f"member ({entry!r})")
+            key = members[PIXELS][3].rsplit(".", 1)[0]
             row = key_to_row.get(key)
             if row is None:
                 raise LookupError(f"{path}: sample {key!r} is not in the sites table")
@@ -233,9 +235,8 @@ def locate_rows(sites: pd.DataFrame, shard_paths: list[str], index_paths: list[s
                 raise ValueError(f"{path}: sample {key!r} (row {row}) is also in "
                                  f"{index_paths[out['shard'][row]]}")
             out["shard"][row], out["position"][row] = s, i
-            out["offset"][row] = members["pixels"][1]
-            out["size"][row] = members["pixels"][2]
-            lines.append(" ".join(f"{ext} {off} {size} {name}"
-                                  for ext, off, size, name in (members["pixels"], members["row"])))
+            out["offset"][row] = members[PIXELS][1]
+            out["size"][row] = members[PIXELS][2]
+            lines.append(format_entry([members[ext] for ext in READ_MEMBERS]))
         out["lines"].append(lines)
     return out
