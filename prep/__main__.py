@@ -1,9 +1,18 @@
-"""`python -m prep COMMAND --help` — synthetic data, folds, shard packing, verification, preview."""
+"""`python -m prep COMMAND --help` — synthetic data, folds, shard packing, verification, preview.
+
+Bad input (a CSV, a PNG, a path, an option) ends in one line naming the file,
+row or key, and exit 2 (common.errors.run_cli); a traceback means a bug.
+"""
 import fire
+
+from common.errors import run_cli
 
 
 def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, workers=None):
-    """Write a synthetic dataset in the RxRx1 Kaggle layout (presets: tiny, demo, full)."""
+    """Write a synthetic dataset in the RxRx1 Kaggle layout (presets: tiny, demo, full).
+
+    OUT_DIR must be new, empty, or a previous synth of the same parameters
+    (its synth.json): any other directory is refused, never overwritten."""
     from prep.synth import synth as run
     return run(out_dir, preset=preset, seed=seed, experiments=experiments,
                image_size=image_size, workers=workers)
@@ -16,13 +25,18 @@ def folds(data_dir, n_folds=5, out_dir="csv", seed=0):
 
 
 def shards(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0):
-    """Pack every site's six PNGs into OUT/store.zarr and OUT/shards/*.tar (resumable)."""
+    """Pack every site's six PNGs into OUT/store.zarr and OUT/shards/*.tar (resumable).
+
+    A re-run on a finished store checks every array, chunk and shard (shard
+    sha256s included) and repacks whatever is missing or damaged."""
     from prep.pack import pack
     return pack(data_dir, out_dir, workers=workers, shard_size_mb=shard_size_mb, seed=seed)
 
 
 def verify(out_dir, full=False, data_dir=None):
-    """Check shard checksums and counts, and pixels of sampled sites against the source PNGs."""
+    """Check every array, chunk file and shard (size, sha256, count, index), and the
+    pixels of sampled sites (all with --full) against the source PNGs; exit 1 listing
+    every problem found."""
     from prep.verify import verify as run
     return run(out_dir, full=full, data_dir=data_dir)
 
@@ -34,8 +48,8 @@ def preview(out_dir, id_code, site=1, out="site.png"):
 
 
 def main():
-    fire.Fire({"synth": synth, "folds": folds, "shards": shards,
-               "verify": verify, "preview": preview})
+    run_cli(lambda: fire.Fire({"synth": synth, "folds": folds, "shards": shards,
+                               "verify": verify, "preview": preview}))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import numbers
 import os
 import re
 import signal
@@ -27,15 +28,19 @@ import zarr
 from tqdm import tqdm
 from zarr.codecs import ZstdCodec
 
+from common.errors import BadInput
+from prep.lock import out_dir_lock
 from prep.plan import plan_shards
 from prep.png_io import PngError, read_site, site_paths
-from prep.shard_writer import WORK_DIR, init_worker, read_record, write_shard
+from prep.shard_writer import WORK_DIR, init_worker, read_record, shard_files, write_shard
 from prep.site_stats import compare_reference, pooled_norm, site_norm
+from shards.atomic import remove_stale_temps, write_bytes
 from shards.layout import CHANNELS, N_CHANNELS
 from shards.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, SITES_NAME,
-                             STORE_NAME, ManifestError, atomic_write, check_format,
-                             fingerprint, sha256_file, source_files, write_manifest)
+                             STORE_NAME, ManifestError, check_format, fingerprint, sha256_file,
+                             source_files, write_manifest)
 from shards.metadata import load_sites
+from shards.store import check_structure, missing_chunk_rows
 
 # zstd level 1: as small as level 3 on these images and a little cheaper
 # (bench/prep.py prints both); PNG decoding dominates either way.
@@ -46,15 +51,21 @@ KILL_AFTER_ENV = "CELLSHARD_PREP_KILL_AFTER"
 
 def pack(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0, zstd_level=ZSTD_LEVEL):
     """Pack DATA (Kaggle layout) into OUT; resumable. Returns a short summary
-    (the manifest itself is OUT/manifest.json)."""
+    (the manifest itself is OUT/manifest.json).
+
+    A re-run on a finished store checks it first (every array, chunk file and
+    shard present, every shard's sha256 as in the manifest: this re-reads the
+    shards, about as long as copying them) and repacks what is missing or damaged."""
     t0 = time.time()
     data_dir, out_dir = os.path.abspath(str(data_dir)), os.path.abspath(str(out_dir))
+    workers = _check_options(data_dir, out_dir, workers, shard_size_mb)
     files = source_files(data_dir)
     fp = fingerprint(files)
     params = {"shard_size_mb": shard_size_mb, "seed": seed, "zstd_level": zstd_level}
-    done = _finished_manifest(out_dir, fp, params)
-    if done is not None:
-        print(f"{out_dir}: store is complete; nothing to do")
+    done, damaged = _finished_manifest(out_dir, fp, params)
+    if done is not None and damaged is None:
+        print(f"{out_dir}: store is complete (every array, chunk and shard checked, shard "
+              "sha256s included); nothing to do")
         return _summary(out_dir, done, packed=0, seconds=time.time() - t0)
 
     sites = load_sites(data_dir)
@@ -64,17 +75,39 @@ def pack(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0, zstd_level=
     shape = (height, width, N_CHANNELS)
     run = {"format_version": FORMAT_VERSION, "fingerprint": fp, "image_shape": list(shape),
            "n_sites": len(sites), "zstd_level": zstd_level}
-    _prepare_out_dir(out_dir, run)
-
-    plan = plan_shards(sites, height, width, shard_size_mb, seed)
-    todo = [s for s in plan if read_record(out_dir, s, run) is None]
-    rows = sites.to_dict("records")
-    tasks = [dict(shard=s, sites=[rows[r] for r in s["rows"]], data_dir=data_dir,
-                  out_dir=out_dir, run=run) for s in todo]
-    packed = sum(len(s["rows"]) for s in todo)
-    _run_workers(tasks, workers, total=len(sites), initial=len(sites) - packed)
-    manifest = _finish(data_dir, out_dir, sites, plan, run, files, params)
+    _check_out_dir(out_dir, run)
+    with out_dir_lock(os.path.join(out_dir, WORK_DIR)):
+        plan = plan_shards(sites, height, width, shard_size_mb, seed)
+        if damaged is not None:
+            _forget_damaged(out_dir, done, damaged, plan)
+        _prepare_out_dir(out_dir, run)
+        todo = [s for s in plan if read_record(out_dir, s, run) is None]
+        rows = sites.to_dict("records")
+        tasks = [dict(shard=s, sites=[rows[r] for r in s["rows"]], data_dir=data_dir,
+                      out_dir=out_dir, run=run) for s in todo]
+        packed = sum(len(s["rows"]) for s in todo)
+        _run_workers(tasks, workers, total=len(sites), initial=len(sites) - packed)
+        manifest = _finish(data_dir, out_dir, sites, plan, run, files, params)
     return _summary(out_dir, manifest, packed=packed, seconds=time.time() - t0)
+
+
+def _check_options(data_dir, out_dir, workers, shard_size_mb):
+    """Refuse bad arguments before anything is read or written; returns the workers."""
+    if not os.path.isdir(data_dir):
+        raise BadInput(f"{data_dir}: data directory not found (--data-dir); it must hold "
+                       "train.csv, test.csv, the *_controls.csv files and train/ test/ images")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BadInput(f"{out_dir}: output directory (--out-dir) is a file, not a directory")
+    if isinstance(shard_size_mb, bool) or not isinstance(shard_size_mb, numbers.Real) \
+            or not shard_size_mb > 0:
+        raise BadInput(f"--shard-size-mb {shard_size_mb!r}: must be a positive number of MiB "
+                       "(default 768)")
+    if workers is None:
+        return None
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
+        raise BadInput(f"--workers {workers!r}: must be a positive integer (default: one "
+                       "per core)")
+    return int(workers)
 
 
 def _summary(out_dir, m, packed, seconds):
@@ -86,20 +119,24 @@ def _summary(out_dir, m, packed, seconds):
 # ---------------------------------------------------------------- before packing
 
 def _finished_manifest(out_dir, fp, params):
-    """The manifest if OUT already holds this exact store, complete; else None.
+    """(manifest, None) if OUT already holds this exact store, whole; (manifest,
+    problems) if it holds this store damaged; (None, None) if it holds no manifest.
 
     Refuses (ManifestError) a store of another format version, other source
     data or other prep parameters: those are not ours to overwrite.
     """
     path = os.path.join(out_dir, MANIFEST_NAME)
     if not os.path.isfile(path):
-        return None
+        return None, None
     try:
         with open(path) as f:
             m = json.load(f)
     except (OSError, ValueError) as e:
         raise ManifestError(f"{path}: unreadable manifest ({e}); delete it to let prep "
                             "rebuild the store, or use a new output directory") from None
+    if not isinstance(m, dict):
+        raise ManifestError(f"{path}: manifest is not a JSON object; delete it to let prep "
+                            "rebuild the store, or use a new output directory")
     check_format(m, path)
     if m.get("source", {}).get("fingerprint") != fp:
         raise ManifestError(f"{path}: this store was packed from other source CSVs "
@@ -108,16 +145,37 @@ def _finished_manifest(out_dir, fp, params):
     if m.get("prep") != params:
         raise ManifestError(f"{path}: this store was packed with {m.get('prep')}, not "
                             f"{params}; use a new output directory or delete this one")
+    try:
+        problems = check_structure(out_dir, m)
+    except (KeyError, TypeError) as e:
+        raise ManifestError(f"{path}: manifest lacks or garbles {e}; delete it to let prep "
+                            "rebuild the store, or use a new output directory") from None
     shards_dir = os.path.join(out_dir, SHARDS_DIR)
-    intact = all(os.path.isfile(os.path.join(shards_dir, s["index"]))
-                 and _size(os.path.join(shards_dir, s["name"])) == s["bytes"]
-                 for s in m["shards"])
-    if intact and os.path.isfile(os.path.join(out_dir, SITES_NAME)):
-        return m
-    # A damaged store: stop claiming completeness, then repair like a resumed run.
-    print(f"{out_dir}: some shard files are missing or resized; rebuilding those")
-    os.remove(path)
-    return None
+    for s in m["shards"]:  # same size, other bytes: only the sha256 tells
+        tar = os.path.join(shards_dir, s["name"])
+        if _size(tar) == s["bytes"] and sha256_file(tar) != s["sha256"]:
+            problems.append(f"{tar}: sha256 differs from the manifest")
+    if not problems:
+        return m, None
+    return m, problems
+
+
+def _forget_damaged(out_dir, m, problems, plan):
+    """Stop claiming completeness, and drop the records of the shards that are
+    damaged (or whose sites' chunks are), so the run below repacks exactly those."""
+    print(f"{out_dir}: the store is damaged, repairing: {problems[0]}"
+          + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    os.remove(os.path.join(out_dir, MANIFEST_NAME))
+    shards_dir = os.path.join(out_dir, SHARDS_DIR)
+    bad = {s["name"][: -len(".tar")] for s in m["shards"]
+           if any(p.startswith(os.path.join(shards_dir, s["name"]) + ":")
+                  or p.startswith(os.path.join(shards_dir, s["index"]) + ":") for p in problems)}
+    lost = set(missing_chunk_rows(out_dir, m["n_sites"]))
+    bad |= {s["name"] for s in plan if lost.intersection(s["rows"])}
+    for name in bad:
+        for path in shard_files(out_dir, name):
+            if os.path.lexists(path):
+                os.remove(path)
 
 
 def _check_files_exist(data_dir, sites):
@@ -137,27 +195,39 @@ def _check_files_exist(data_dir, sites):
                     raise PngError(f"{os.path.join(folder, name)}: channel file is missing")
 
 
-def _prepare_out_dir(out_dir, run):
-    """Create or reopen OUT for this run, refusing one that holds something else."""
-    work = os.path.join(out_dir, WORK_DIR)
+def _check_out_dir(out_dir, run):
+    """Refuse an OUT that holds something else, before anything is written to it."""
     store = os.path.join(out_dir, STORE_NAME)
     zarr_json = os.path.join(store, "zarr.json")
     if os.path.isfile(zarr_json):
-        with open(zarr_json) as f:
-            attrs = json.load(f).get("attributes", {})
+        try:
+            with open(zarr_json) as f:
+                attrs = json.load(f).get("attributes", {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise ManifestError(f"{zarr_json}: unreadable ({e}); delete {out_dir} or use a "
+                                "new output directory") from None
         if attrs:  # empty only if a run died right after creating the group
             check_format(attrs, store)
-    run_path = os.path.join(work, "run.json")
+    run_path = os.path.join(out_dir, WORK_DIR, "run.json")
     if os.path.isfile(run_path):
-        with open(run_path) as f:
-            old = json.load(f)
+        try:
+            with open(run_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError):
+            old = None  # prep's own bookkeeping, written atomically: unreadable means foreign
         if old != run:
             raise ManifestError(f"{out_dir} holds an unfinished store of other source data "
                                 f"or image shape ({run_path}); use a new output directory "
                                 "or delete this one")
+
+
+def _prepare_out_dir(out_dir, run):
+    """Create or reopen OUT for this run (checked by _check_out_dir, lock held)."""
+    work = os.path.join(out_dir, WORK_DIR)
+    store = os.path.join(out_dir, STORE_NAME)
     for d in (out_dir, work, os.path.join(out_dir, SHARDS_DIR)):
         os.makedirs(d, exist_ok=True)
-    _remove_stale_temporaries(out_dir)
+    remove_stale_temps(out_dir)
 
     group = zarr.open_group(store, mode="a", zarr_format=3)
     group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
@@ -169,40 +239,11 @@ def _prepare_out_dir(out_dir, run):
                                 f"{(n, *shape)} uint8; delete {out_dir} or use a new one")
     else:
         # One flat folder of chunk files ('c.<row>.0.0.0'), not a directory per site.
+        # Only the array's metadata is written: chunk files already there stay.
         group.create_array("pixels", shape=(n, *shape), chunks=(1, *shape), dtype="uint8",
                            compressors=ZstdCodec(level=run["zstd_level"]), fill_value=0,
                            chunk_key_encoding={"name": "default", "separator": "."})
-    atomic_write(run_path, json.dumps(run))
-
-
-_TMP_RE = re.compile(r"\.tmp-(\d+)$")
-
-
-def _remove_stale_temporaries(out_dir):
-    """Half-written files (`<name>.tmp-<pid>`) of processes that no longer run."""
-    for d in (os.path.join(out_dir, SHARDS_DIR), os.path.join(out_dir, WORK_DIR), out_dir,
-              os.path.join(out_dir, STORE_NAME, "pixels")):
-        for entry in os.scandir(d) if os.path.isdir(d) else ():
-            m = _TMP_RE.search(entry.name)
-            if m and not _pid_alive(int(m.group(1))):
-                os.remove(entry.path)
-
-
-def _pid_alive(pid):
-    try:  # a killed worker stays a zombie until reaped: that is dead too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    write_bytes(os.path.join(work, "run.json"), json.dumps(run))
 
 
 def _size(path):
@@ -231,7 +272,7 @@ def _run_workers(tasks, workers, total, initial):
                 os.killpg(os.getpgrp(), signal.SIGKILL)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
-        _remove_stale_temporaries(tasks[0]["out_dir"])
+        remove_stale_temps(tasks[0]["out_dir"])
         raise
     finally:
         bar.close()
@@ -276,9 +317,9 @@ def _finish(data_dir, out_dir, sites, plan, run, files, params):
         print("no pixel_stats.csv in the data directory: statistics computed from the pixels")
 
     sites_path = os.path.join(out_dir, SITES_NAME)
-    atomic_write(sites_path, sites.to_csv(index=False))
+    write_bytes(sites_path, sites.to_csv(index=False))
     _remove_unplanned_shards(out_dir, plan)
-    _remove_stale_temporaries(out_dir)
+    remove_stale_temps(out_dir)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "image_shape": run["image_shape"], "dtype": "uint8", "layout": "HWC",

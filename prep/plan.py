@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from common.errors import BadInput
 from shards.layout import N_CHANNELS, SPLITS
 
 BLOCK = 512
@@ -31,7 +32,7 @@ def plan_shards(sites: pd.DataFrame, height: int, width: int, shard_size_mb: flo
                 seed: int = 0) -> list[dict]:
     """[{name, split, rows}] with rows (sites-table rows, in tar order) per shard."""
     if shard_size_mb <= 0:
-        raise ValueError(f"--shard-size-mb {shard_size_mb}: must be positive")
+        raise BadInput(f"--shard-size-mb {shard_size_mb}: must be positive")
     target = shard_size_mb * 2 ** 20
     plan = []
     for k, split in enumerate(SPLITS):

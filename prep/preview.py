@@ -12,7 +12,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from shards.layout import CHANNELS
+from shards.atomic import write_atomic
+from shards.layout import CHANNELS, SITES
 from shards.store import StoreError, open_store
 
 # channel -> (RGB colour, gray-level range stretched to full intensity)
@@ -40,6 +41,15 @@ def composite(pixels: np.ndarray, channels=CHANNELS) -> np.ndarray:
 
 def preview(out_dir, id_code, site=1, out="site.png"):
     """Write the composite of one site (from the zarr store) to `out`; returns its path."""
+    ext = os.path.splitext(str(out))[1].lower()
+    if ext not in Image.registered_extensions():
+        raise StoreError(f"--out {out}: name an image file, e.g. site.png (the extension "
+                         "picks the format)")
+    folder = os.path.dirname(os.path.abspath(str(out)))
+    if not os.path.isdir(folder):
+        raise StoreError(f"--out {out}: folder {folder} does not exist")
+    if str(site) not in {str(x) for x in SITES}:
+        raise StoreError(f"--site {site!r}: sites are {', '.join(map(str, SITES))}")
     store = open_store(out_dir)
     s = store.sites
     hit = s.index[(s["id_code"] == str(id_code)) & (s["site"] == int(site))]
@@ -48,6 +58,8 @@ def preview(out_dir, id_code, site=1, out="site.png"):
         raise StoreError(f"{out_dir}: no site {site} of id_code {id_code!r} in the store "
                          f"(id_codes look like {', '.join(known)}; sites are 1 and 2)")
     row = int(s.loc[hit[0], "row"])
-    Image.fromarray(composite(store.pixels[row])).save(out)
+    image = Image.fromarray(composite(store.read_site(row)))
+    # PIL picks the format from the extension, so the temporary name keeps it.
+    write_atomic(out, lambda tmp: image.save(tmp))
     print(f"{os.path.abspath(out)}: {id_code} site {site} (row {row})")
     return os.path.abspath(out)

@@ -24,7 +24,8 @@ from prep.site_stats import channel_stats
 from prep.tar_writer import TarWriter
 from shards.dali_index import JSON, PIXELS, ROW, format_index
 from shards.layout import N_CHANNELS, STAT_NAMES, sample_key
-from shards.manifest import SHARDS_DIR, STORE_NAME, atomic_write
+from shards.atomic import write_atomic, write_bytes
+from shards.manifest import SHARDS_DIR, STORE_NAME
 
 WORK_DIR = ".prep"  # prep's bookkeeping inside OUT; not part of the store format
 
@@ -73,45 +74,49 @@ def write_shard(task):
     shard, run, out_dir = task["shard"], task["run"], task["out_dir"]
     shape = tuple(run["image_shape"])
     tar, idx, rec_path = shard_files(out_dir, shard["name"])
-    tmp = f".tmp-{os.getpid()}"
     zstd = Zstd(level=run["zstd_level"])
-    writer = TarWriter(tar + tmp)
     stats = []
-    # Site i is compressed and written on a thread while site i+1 decodes: PNG
-    # decoding, zstd, sha256 and file writes all release the GIL, and a write the
-    # kernel throttles no longer stalls decoding. One site in flight bounds memory.
-    io = ThreadPoolExecutor(1)
-    pending = None
-    try:
-        for row in task["sites"]:
-            channels = read_site(site_paths(task["data_dir"], row), shape[:2])
-            stats.append([channel_stats(ch) for ch in channels])
-            pixels = np.stack(channels, axis=-1)
+    written = {}
+
+    def write_tar(tmp):
+        writer = TarWriter(tmp)
+        # Site i is compressed and written on a thread while site i+1 decodes: PNG
+        # decoding, zstd, sha256 and file writes all release the GIL, and a write the
+        # kernel throttles no longer stalls decoding. One site in flight bounds memory.
+        io = ThreadPoolExecutor(1)
+        pending = None
+        try:
+            for row in task["sites"]:
+                channels = read_site(site_paths(task["data_dir"], row), shape[:2])
+                stats.append([channel_stats(ch) for ch in channels])
+                pixels = np.stack(channels, axis=-1)
+                if pending is not None:
+                    pending.result()
+                pending = io.submit(_write_site, out_dir, zstd, writer, row, pixels)
             if pending is not None:
                 pending.result()
-            pending = io.submit(_write_site, out_dir, zstd, writer, row, pixels)
-        if pending is not None:
-            pending.result()
-        nbytes, sha = writer.close()
-    except BaseException:
-        io.shutdown(wait=True)  # the file must be closed before it is removed
-        writer.abort()
-        os.remove(tar + tmp)
-        raise
-    io.shutdown()
-    atomic_write(idx, format_index(writer.index))
-    os.replace(tar + tmp, tar)
-    atomic_write(rec_path, json.dumps({
+            written["bytes"], written["sha256"] = writer.close()
+        except BaseException:
+            io.shutdown(wait=True)  # the file must be closed before write_atomic removes it
+            writer.abort()
+            raise
+        io.shutdown()
+        # The index before the tar's rename: a final tar always has its index.
+        write_bytes(idx, format_index(writer.index))
+
+    # durable: a finished shard is minutes of decoding that a machine crash must not lose.
+    write_atomic(tar, write_tar, durable=True)
+    write_bytes(rec_path, json.dumps({
         "name": shard["name"], "split": shard["split"], "rows": shard["rows"],
-        "count": len(shard["rows"]), "bytes": nbytes, "sha256": sha, "run": run,
-        "stats": stats}))
+        "count": len(shard["rows"]), "bytes": written["bytes"], "sha256": written["sha256"],
+        "run": run, "stats": stats}))
     return len(shard["rows"])
 
 
 def _write_site(out_dir, zstd, writer, row, pixels):
     # The chunk bytes zarr's ZstdCodec would write, written directly: going
     # through zarr's API costs 2-4x the compression itself per 512 px site.
-    atomic_write(chunk_path(out_dir, row["row"]), zstd.encode(pixels))
+    write_bytes(chunk_path(out_dir, row["row"]), zstd.encode(pixels))
     meta = json.dumps({**row, "shape": list(pixels.shape)}, separators=(",", ":"))
     writer.add(sample_key(row["id_code"], row["site"]),
                [(PIXELS, pixels), (ROW, np.array(row["row"], "<i8").tobytes()),

@@ -1,7 +1,9 @@
 """`python -m prep verify OUT [--full] [--data-dir DATA]`: is the store what the manifest says?
 
-Checks every shard's size, sha256 and sample count against the manifest and its
-DALI index against the tar's own headers; then, for a sample of sites (all
+Checks the store's structure (shards.store.check_structure: every array with
+its shape, every pixels chunk file present, every shard and index present with
+the manifest's size), every shard's sha256 and sample count against the
+manifest and its DALI index against the tar's own headers; then, for a sample of sites (all
 with --full), decodes the source PNGs again and compares them with the zarr
 pixels and with the tar sample (found through the index, the way DALI finds
 it). Exits non-zero (SystemExit) listing every difference found.
@@ -17,16 +19,25 @@ import numpy as np
 from prep.png_io import PngError, read_site, site_paths
 from shards.dali_index import JSON, PIXELS, ROW, parse_index
 from shards.layout import sample_key
-from shards.manifest import fingerprint, sha256_file, source_files
-from shards.store import open_store
+from shards.manifest import ManifestError, fingerprint, read_manifest, sha256_file, source_files
+from shards.store import StoreError, check_structure, open_store
 
 N_SAMPLED = 64
 MAX_LISTED = 20
 
 
 def verify(out_dir, full=False, data_dir=None, n_sampled=N_SAMPLED, seed=0):
-    store = open_store(out_dir)
-    problems = []
+    root = os.path.abspath(str(out_dir))
+    try:
+        problems = check_structure(root, read_manifest(root))
+    except ManifestError as e:
+        raise StoreError(str(e)) from None
+    try:
+        store = open_store(root, check=False)
+    except StoreError:
+        if not problems:
+            raise
+        _report(out_dir, problems)  # what is missing explains why it does not open
     where = {}  # sample key -> (tar path, index entry)
     for entry, tar, idx in zip(store.shards(), store.shard_paths(), store.index_paths()):
         problems += _check_shard(entry, tar, idx, where)
@@ -46,10 +57,7 @@ def verify(out_dir, full=False, data_dir=None, n_sampled=N_SAMPLED, seed=0):
         problems += _check_site(store, int(row), data_dir, where)
 
     if problems:
-        shown = problems[:MAX_LISTED]
-        more = f"\n... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise SystemExit(f"verify {out_dir}: {len(problems)} problem(s)\n"
-                         + "\n".join(shown) + more)
+        _report(out_dir, problems)
     result = {"out_dir": store.root, "shards": len(store.shards()), "sites": len(store.sites),
               "sites_compared_to_png": len(rows), "ok": True}
     print(f"verify {out_dir}: OK ({result['shards']} shards; {len(rows)} of {len(store.sites)} "
@@ -57,12 +65,16 @@ def verify(out_dir, full=False, data_dir=None, n_sampled=N_SAMPLED, seed=0):
     return result
 
 
+def _report(out_dir, problems):
+    """Exit 1 listing the problems: a verdict on the store, not an error in the command."""
+    shown = problems[:MAX_LISTED]
+    more = f"\n... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+    raise SystemExit(f"verify {out_dir}: {len(problems)} problem(s)\n" + "\n".join(shown) + more)
+
+
 def _check_shard(entry, tar, idx, where) -> list[str]:
-    if not os.path.isfile(tar):
-        return [f"{tar}: shard missing"]
-    size = os.path.getsize(tar)
-    if size != entry["bytes"]:
-        return [f"{tar}: {size} bytes, manifest says {entry['bytes']} (truncated or replaced)"]
+    if not os.path.isfile(tar) or os.path.getsize(tar) != entry["bytes"]:
+        return []  # check_structure reported it
     problems = []
     sha = sha256_file(tar)
     if sha != entry["sha256"]:
@@ -101,7 +113,9 @@ def _check_site(store, row, data_dir, where) -> list[str]:
         return [f"row {row} ({key}): {e}"]
     problems = []
     try:
-        stored = store.pixels[row]
+        stored = store.read_site(row)
+    except StoreError:
+        problems.append(f"row {row} ({key}): zarr chunk missing")
     except Exception as e:  # a damaged chunk fails in the zstd decoder
         problems.append(f"row {row} ({key}): zarr chunk unreadable ({e})")
     else:

@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 
+from shards.atomic import write_bytes
+
 FORMAT = "cellshard"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -34,14 +36,6 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write(path: str, data: bytes | str) -> None:
-    """Write under a temporary name and rename, so `path` is never half-written."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
 
 
 def source_files(data_dir: str) -> dict[str, str]:
@@ -87,4 +81,6 @@ def read_manifest(out_dir: str) -> dict:
 
 
 def write_manifest(out_dir: str, m: dict) -> None:
-    atomic_write(os.path.join(out_dir, MANIFEST_NAME), json.dumps(m, indent=1) + "\n")
+    # durable: the manifest is what says the store is complete; a crash must not lose it.
+    write_bytes(os.path.join(out_dir, MANIFEST_NAME), json.dumps(m, indent=1) + "\n",
+                durable=True)

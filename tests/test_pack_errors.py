@@ -10,6 +10,7 @@ from PIL import Image
 
 from prep.pack import pack
 from prep.png_io import PngError
+from shards.atomic import temp_owner
 from shards.layout import png_path
 from shards.manifest import ManifestError
 from shards.metadata import load_sites
@@ -53,8 +54,8 @@ def _assert_nothing_final(out, bad_key=None):
     """No manifest, no temporary file, and every tar under a final name is complete
     (it has its record) and does not hold the bad site."""
     assert not os.path.exists(os.path.join(out, "manifest.json"))
-    for d, _, names in os.walk(out):
-        assert not [n for n in names if ".tmp-" in n or n.endswith(".partial")], d
+    for d, _, names in os.walk(out):   # the one temporary scheme, shards.atomic's
+        assert not [n for n in names if temp_owner(n) is not None], d
     shards = os.path.join(out, "shards")
     for name in os.listdir(shards) if os.path.isdir(shards) else []:
         if name.endswith(".tar"):
