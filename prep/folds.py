@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from common.errors import BadInput
 from shards.atomic import write_atomic
 from shards.metadata import load_wells
 
@@ -35,6 +36,10 @@ def assign_folds(experiments_by_cell_type: dict[str, list[str]], n_folds: int,
 def write_folds(data_dir, n_folds=5, out_dir="csv", seed=0) -> list[str]:
     """Write train_k.csv / valid_k.csv for k in 0..n_folds-1 from the treatment
     wells of train.csv (one row per well); return the written paths."""
+    if not os.path.isdir(str(data_dir)):
+        raise BadInput(f"{data_dir}: data directory not found (--data-dir)")
+    if os.path.exists(str(out_dir)) and not os.path.isdir(str(out_dir)):
+        raise BadInput(f"{out_dir}: output directory (--out-dir) is a file, not a directory")
     wells = load_wells(data_dir)
     train = wells[(wells["split"] == "train") & (wells["well_type"] == "treatment")]
     rows = pd.DataFrame({
@@ -47,9 +52,9 @@ def write_folds(data_dir, n_folds=5, out_dir="csv", seed=0) -> list[str]:
     n_experiments = int(sum(len(v) for v in by_cell_type))
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) \
             or not 2 <= n_folds <= n_experiments:
-        raise ValueError(f"n_folds={n_folds!r}: need an integer from 2 to the number of train "
-                         f"experiments with treatment wells in {data_dir}/train.csv "
-                         f"({n_experiments}), since each valid fold holds whole experiments")
+        raise BadInput(f"n_folds={n_folds!r}: need an integer from 2 to the number of train "
+                       f"experiments with treatment wells in {data_dir}/train.csv "
+                       f"({n_experiments}), since each valid fold holds whole experiments")
     fold_of = assign_folds({ct: list(v) for ct, v in by_cell_type.items()}, n_folds, seed)
     fold = rows["experiment"].map(fold_of).to_numpy()
 

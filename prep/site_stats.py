@@ -66,8 +66,20 @@ def compare_reference(stats: np.ndarray, sites, path: str) -> dict:
     The reference's conventions (std ddof, median of an even count) may differ
     slightly from numpy's, so this reports and never fails.
     """
-    import pandas as pd  # here, not at the top: prep workers import this module for channel_stats
-    ref = pd.read_csv(path, usecols=["id_code", "site", "channel", *STAT_NAMES])
+    # here, not at the top: prep workers import this module for channel_stats
+    import pandas as pd
+    from shards.metadata import MetadataError, read_csv_checked
+
+    columns = ["id_code", "site", "channel", *STAT_NAMES]
+    ref = read_csv_checked(path, columns)[columns]
+    numbers = ref[columns[1:]].apply(pd.to_numeric, errors="coerce")
+    bad = numbers.isna().any(axis=1).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        col = next(c for c in columns[1:] if pd.isna(numbers[c].iloc[i]))
+        raise MetadataError(f"{path}, row {i + 1} (id_code {ref['id_code'].iloc[i]}): "
+                            f"{col} {ref[col].iloc[i]!r} is not a number")
+    ref = pd.concat([ref[["id_code"]], numbers], axis=1)
     ref = ref.drop_duplicates(["id_code", "site", "channel"])
     row_of = pd.Series(sites["row"].to_numpy(),
                        index=pd.MultiIndex.from_arrays([sites["id_code"], sites["site"]]))

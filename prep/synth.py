@@ -24,6 +24,7 @@ output does not depend on the number of workers.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -34,7 +35,12 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from common.errors import BadInput
 from shards import layout
+from shards.atomic import write_atomic, write_bytes
+
+SYNTH_JSON = "synth.json"  # written last: a whole synth is here (demo and bench test for it)
+RUNNING_JSON = "synth-running.json"  # written first: a killed synth's directory is still ours
 
 # Per cell type: experiments in train and in test. `full` is the real count.
 PRESETS = {
@@ -94,8 +100,8 @@ def limit_experiments(exps: list[Experiment], n: int | None) -> list[Experiment]
             merged.append(train.pop(0))
         if test:
             merged.append(test.pop(0))
-    if not 1 <= int(n) <= len(merged):
-        raise ValueError(f"--experiments {n}: this preset has 1..{len(merged)} experiments")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= len(merged):
+        raise BadInput(f"--experiments {n!r}: this preset has 1..{len(merged)} experiments")
     return merged[: int(n)]
 
 
@@ -261,14 +267,32 @@ def _render_plate(task) -> list[tuple]:
 
 
 def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, workers=None):
-    """Write a synthetic dataset in the RxRx1 Kaggle layout; returns a summary dict."""
+    """Write a synthetic dataset in the RxRx1 Kaggle layout; returns a summary dict.
+
+    OUT_DIR must not exist, be empty, or hold a previous synth of the same
+    parameters (its synth.json); anything else is refused, never overwritten."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        raise BadInput(f"--preset {preset!r}: unknown preset; choose one of "
+                       f"{', '.join(sorted(PRESETS))}")
     cfg = dict(PRESETS[preset])
-    size = int(image_size or cfg["image_size"])
-    if size < 32 or (size > 256 and size % 256):
-        raise ValueError(f"--image-size {size}: use 32..256, or a multiple of 256 above that")
+    size = cfg["image_size"] if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral) \
+            or size < 32 or (size > 256 and size % 256):
+        raise BadInput(f"--image-size {image_size!r}: use 32..256, or a multiple of 256 "
+                       "above that")
+    size = int(size)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise BadInput(f"--seed {seed!r}: must be a non-negative integer")
+    if workers is not None and (isinstance(workers, bool)
+                                or not isinstance(workers, numbers.Integral) or workers < 1):
+        raise BadInput(f"--workers {workers!r}: must be a positive integer (default: one "
+                       "per core)")
     exps = limit_experiments(experiment_list(cfg), experiments)
+    params = dict(preset=preset, seed=int(seed), image_size=size,
+                  experiments=[e.name for e in exps])
+    _check_out_dir(str(out_dir), params)
+    os.makedirs(out_dir, exist_ok=True)
+    write_bytes(os.path.join(out_dir, RUNNING_JSON), json.dumps(params))
     des = design(cfg, seed)
     wells = plate_layouts(exps, des, cfg, seed)
 
@@ -290,14 +314,40 @@ def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, wor
             stats.extend(rows)
 
     write_csvs(out_dir, wells, stats)
-    with open(os.path.join(out_dir, "synth.json"), "w") as f:
-        json.dump(dict(preset=preset, seed=seed, image_size=size,
-                       experiments=[e.name for e in exps], n_wells=len(wells),
-                       groups=des["groups"].tolist(), controls=des["controls"]), f, indent=1)
+    write_bytes(os.path.join(out_dir, SYNTH_JSON), json.dumps(
+        dict(params, n_wells=len(wells), groups=des["groups"].tolist(),
+             controls=des["controls"]), indent=1))
+    os.remove(os.path.join(out_dir, RUNNING_JSON))
     summary = dict(out_dir=str(out_dir), preset=preset, experiments=len(exps), wells=len(wells),
                    sites=2 * len(wells), image_size=size, seconds=round(time.time() - t0, 1))
     print(summary)
     return summary
+
+
+def _check_out_dir(out_dir: str, params: dict) -> None:
+    """Refuse any existing, non-empty directory but a synth of these same parameters:
+    a user's real data must never be overwritten by `make synth DATA_DIR=...`."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise BadInput(f"{out_dir}: output directory is a file, not a directory")
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    path = os.path.join(out_dir, SYNTH_JSON)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(out_dir, RUNNING_JSON)):
+        path = os.path.join(out_dir, RUNNING_JSON)
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        raise BadInput(f"{out_dir}: not empty and holds no {SYNTH_JSON}, so it is not a "
+                       "synthetic dataset; synth writes only into a new or empty directory "
+                       "(or over a synth of the same parameters)") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: unreadable ({e}); synth writes only into a new or empty "
+                       "directory") from None
+    mine = {k: old.get(k) for k in params} if isinstance(old, dict) else None
+    if mine != params:
+        raise BadInput(f"{out_dir}: holds a synth of other parameters ({path}: {mine}, asked "
+                       f"for {params}); use another directory or delete this one")
 
 
 def write_csvs(out_dir, wells: pd.DataFrame, stats: list) -> None:
@@ -306,14 +356,15 @@ def write_csvs(out_dir, wells: pd.DataFrame, stats: list) -> None:
     treat = wells[wells.well_type == "treatment"]
     ctrl = wells[wells.well_type != "treatment"]
     tr, te = treat[treat.split == "train"], treat[treat.split == "test"]
-    tr[cols + ["sirna"]].to_csv(os.path.join(out_dir, "train.csv"), index=False)
-    te[cols].to_csv(os.path.join(out_dir, "test.csv"), index=False)
+    frames = {"train.csv": tr[cols + ["sirna"]], "test.csv": te[cols]}
     for split in layout.SPLITS:
         c = ctrl[ctrl.split == split]
-        c[cols + ["sirna", "well_type"]].to_csv(os.path.join(out_dir, f"{split}_controls.csv"), index=False)
-    pd.DataFrame({"id_code": te.id_code, "sirna": 0}).to_csv(
-        os.path.join(out_dir, "sample_submission.csv"), index=False)
-    te[["id_code", "sirna"]].to_csv(os.path.join(out_dir, "test_truth.csv"), index=False)
-    pd.DataFrame(stats, columns=["id_code", "experiment", "plate", "well", "site", "channel",
-                                 "mean", "std", "median", "min", "max"]).to_csv(
-        os.path.join(out_dir, "pixel_stats.csv"), index=False, float_format="%.6g")
+        frames[f"{split}_controls.csv"] = c[cols + ["sirna", "well_type"]]
+    frames["sample_submission.csv"] = pd.DataFrame({"id_code": te.id_code, "sirna": 0})
+    frames["test_truth.csv"] = te[["id_code", "sirna"]]
+    frames["pixel_stats.csv"] = pd.DataFrame(
+        stats, columns=["id_code", "experiment", "plate", "well", "site", "channel",
+                        "mean", "std", "median", "min", "max"])
+    for name, df in frames.items():
+        write_atomic(os.path.join(out_dir, name),
+                     lambda tmp, df=df: df.to_csv(tmp, index=False, float_format="%.6g"))

@@ -26,6 +26,7 @@ from shards.layout import (
     SPLITS,
     WELLS,
     cell_type_of,
+    parse_id_code,
 )
 
 
@@ -50,7 +51,7 @@ SITES_TABLE_COLUMNS = ("row", "split", "id_code", "experiment", "cell_type", "pl
                        "site", "sirna", "well_type")
 
 _NEEDED_FILES_HINT = ("the RxRx1 layout needs " + ", ".join(WELL_CSVS)
-                      + " in the data directory (see DESIGN.md §1)")
+                      + " in the data directory (see docs/data.md)")
 
 
 def read_csv_checked(path: str | os.PathLike, required_columns: Sequence[str]) -> pd.DataFrame:
@@ -91,6 +92,37 @@ def read_csv_checked(path: str | os.PathLike, required_columns: Sequence[str]) -
         raise _row_error(path, df, bad, f"empty value in column(s) {', '.join(cols)}",
                          "fill in the value or remove the row")
     return df
+
+
+def read_labelled_wells(path: str | os.PathLike) -> pd.DataFrame:
+    """A CSV of labelled wells (a fold's train_k.csv / valid_k.csv): id_code and sirna
+    checked row by row. `sirna` becomes int64 and must be a treatment
+    (0..1107) or a control (1108..1138); `id_code` must be
+    `<experiment>_<plate>_<well>`. Anything else is a MetadataError naming the file,
+    the row and the value, never a row silently dropped."""
+    path = str(path)
+    df = read_csv_checked(path, ("id_code", "sirna"))
+    bad_id = [not _is_id_code(c) for c in df["id_code"]]
+    _raise_if(path, df, pd.Series(bad_id, index=df.index),
+              lambda r: f"id_code {r['id_code']!r} is not '<experiment>_<plate>_<well>' "
+                        "(e.g. HEPG2-01_1_B03)")
+    is_int = df["sirna"].str.fullmatch(r"\d{1,18}")
+    _raise_if(path, df, ~is_int,
+              lambda r: f"sirna {r['sirna']!r} is not an integer in 0..{N_SIRNAS - 1}")
+    df["sirna"] = df["sirna"].astype(np.int64)
+    _raise_if(path, df, df["sirna"] > N_SIRNAS - 1,
+              lambda r: f"sirna {r['sirna']} is outside 0..{N_SIRNAS - 1} (treatments "
+                        f"0..{N_TREATMENTS - 1}, controls {CONTROL_BASE}..{N_SIRNAS - 1})")
+    _check_unique_ids(path, df)
+    return df
+
+
+def _is_id_code(value: str) -> bool:
+    try:
+        experiment, _, well = parse_id_code(value)
+    except ValueError:
+        return False
+    return bool(experiment) and bool(well)
 
 
 def load_wells(data_dir: str | os.PathLike) -> pd.DataFrame:
@@ -191,13 +223,17 @@ def _check_experiments(path: str, df: pd.DataFrame) -> None:
                         "(e.g. HEPG2-01)")
 
 
-def _check_unique(path: str, df: pd.DataFrame) -> None:
+def _check_unique_ids(path: str, df: pd.DataFrame) -> None:
     dup = df["id_code"].duplicated(keep=False)
     if dup.any():
         id_code = df.loc[dup, "id_code"].iloc[0]
         rows = (df.index[df["id_code"] == id_code] + 1).tolist()
         raise MetadataError(f"{path}: id_code {id_code} appears in rows "
                             f"{', '.join(map(str, rows))}; each well must be listed once")
+
+
+def _check_unique(path: str, df: pd.DataFrame) -> None:
+    _check_unique_ids(path, df)
     key = ["experiment", "plate", "well"]
     dup = df.duplicated(key, keep=False)
     if dup.any():

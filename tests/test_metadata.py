@@ -281,3 +281,33 @@ def test_load_sites_on_synthetic_tiny(tmp_path):
     assert len(wells) > 0 and len(sites) == 2 * len(wells)
     assert (sites.groupby("id_code")["site"].apply(sorted) == pd.Series(
         [[1, 2]] * len(wells), index=sorted(wells["id_code"]))).all()
+
+
+def test_train_sirna_5000_names_file_and_row(tmp_path):
+    frames = make_layout()
+    frames["train.csv"].loc[2, "sirna"] = "5000"
+    expect_error(tmp_path, frames, "train.csv", "row 3", "sirna 5000 is outside 0..1107")
+
+
+def test_read_labelled_wells_refuses_unknown_sirna(tmp_path):
+    # A fold CSV row with sirna 5000 was dropped as if it were a control.
+    from shards.metadata import read_labelled_wells
+    path = tmp_path / "train_0.csv"
+    path.write_text("id_code,experiment,sirna\nHEPG2-01_1_B02,HEPG2-01,7\n"
+                    "HEPG2-01_1_B03,HEPG2-01,1108\nHEPG2-01_1_B04,HEPG2-01,5000\n")
+    with pytest.raises(MetadataError, match=re.escape(f"{path}, row 3 (id_code "
+                                                      "HEPG2-01_1_B04): sirna 5000 is outside")):
+        read_labelled_wells(path)
+    path.write_text("id_code,sirna\nHEPG2-01_1_B02,7\nHEPG2-01-1-B03,8\n")
+    with pytest.raises(MetadataError, match="row 2 .*is not '<experiment>_<plate>_<well>'"):
+        read_labelled_wells(path)
+    path.write_text("id_code,sirna\nHEPG2-01_1_B02,7\nHEPG2-01_1_B03,1138\n")
+    df = read_labelled_wells(path)
+    assert df["sirna"].tolist() == [7, 1138] and df["sirna"].dtype == "int64"
+
+
+def test_missing_file_hint_points_to_docs(tmp_path):
+    with pytest.raises(MetadataError, match="docs/data.md"):
+        load_wells(tmp_path)
+    assert "DESIGN" not in open(os.path.join(os.path.dirname(__file__), "..", "shards",
+                                             "metadata.py")).read()

@@ -169,3 +169,35 @@ def test_unknown_preset_and_bad_size_are_refused(tmp_path):
         synth(str(tmp_path), preset="huge")
     with pytest.raises(ValueError, match="image-size"):
         synth(str(tmp_path), preset="tiny", image_size=300)
+
+
+def test_image_size_zero_is_refused_not_64(tmp_path):
+    # Was: `int(image_size or default)` quietly turned 0 into the preset's 64 px.
+    with pytest.raises(ValueError, match="--image-size 0"):
+        synth(str(tmp_path / "out"), preset="tiny", image_size=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_a_data_directory_that_is_not_a_synth(tiny, tmp_path):
+    # A user's Kaggle data: CSVs and PNGs, no synth.json. Nothing may be touched.
+    data = tmp_path / "rxrx1"
+    (data / "train" / "HEPG2-01" / "Plate1").mkdir(parents=True)
+    for name in ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv"):
+        (data / name).write_bytes(open(os.path.join(tiny, name), "rb").read())
+    png = data / "train" / "HEPG2-01" / "Plate1" / "B02_s1_w1.png"
+    png.write_bytes(b"user's image")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=f"{data}: not empty and holds no synth.json"):
+        synth(str(data), preset="tiny", seed=0, workers=1)
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+
+
+def test_refuses_a_synth_of_other_parameters(tmp_path):
+    out = tmp_path / "synth"
+    out.mkdir()
+    (out / "synth.json").write_text('{"preset": "tiny", "seed": 1, "image_size": 64, '
+                                    '"experiments": ["HEPG2-01"]}')
+    (out / "train.csv").write_text("id_code\n")
+    with pytest.raises(ValueError, match="synth of other parameters"):
+        synth(str(out), preset="tiny", seed=0, experiments=1, workers=1)
+    assert (out / "train.csv").read_text() == "id_code\n"
