@@ -38,11 +38,14 @@ import torch
 
 from bench.full_store import DATA, HERE, REPO, STORE, ensure_store
 from bench.proc_tree import tree_rss
+from shards.atomic import write_bytes
 
 RESULTS = os.path.join(HERE, "results_loader.json")
 CHANNELS = (1, 2, 3, 5, 6)
 BATCH = 32
 DROPOUT = 0.1
+CASES = ("raw-read", "dali-cpu", "torch", "reference-style", "dali-pipeline-uint8",
+         "delivery-float32", "dali-gpu")
 
 
 def warm_page_cache(paths):
@@ -236,7 +239,25 @@ def measure(case, workers, batches, warmup):
             "peak_rss_tree_mb": peak[0]}
 
 
-def main(workers=None, batches=24, warmup=3):
+def main(workers=None, batches=24, warmup=3, case=None):
+    """Samples/s of every loader at 512 px, each case in its own process (writes bench/results_loader.json).
+
+    Args:
+        workers: loader threads / processes (default: all cores).
+        batches: timed batches per case.
+        warmup: untimed batches first (pipeline build, worker start).
+        case: measure only this case in this process and print its JSON line
+            (how main runs each case): raw-read, dali-cpu, dali-gpu, torch,
+            reference-style, dali-pipeline-uint8, delivery-float32.
+    """
+    from common.errors import BadInput
+    from common.precision import cpu_capability
+    if case is not None and case not in CASES:
+        raise BadInput(f"--case {case!r} unknown; valid: {', '.join(CASES)}")
+    if case is not None:
+        print(json.dumps(measure(case, int(workers or os.cpu_count() or 1), int(batches),
+                                 int(warmup))))
+        return
     workers = int(workers or os.cpu_count() or 1)
     ensure_store(workers)
     from shards import open_store
@@ -246,16 +267,15 @@ def main(workers=None, batches=24, warmup=3):
     warm_page_cache([os.path.join(DATA, "train", e, f"Plate{p}", f"{w}_s{s}_w{c}.png")
                      for e, p, w, s in zip(sites.experiment, sites.plate, sites.well, sites.site)
                      for c in CHANNELS])
-    cases = ["raw-read", "dali-cpu", "torch", "reference-style", "dali-pipeline-uint8",
-             "delivery-float32"]
-    if torch.cuda.is_available():
-        cases.append("dali-gpu")
+    cases = [c for c in CASES if c != "dali-gpu" or torch.cuda.is_available()]
     results = {"image_size": 512, "channels": list(CHANNELS), "batch_size": BATCH,
-               "workers": workers, "cores": os.cpu_count(), "load_avg_before": os.getloadavg(),
+               "workers": workers, "cores": os.cpu_count(), "cpu_capability": cpu_capability(),
+               "load_avg_before": os.getloadavg(),
                "store": os.path.relpath(STORE, REPO), "sites": len(sites), "cases": {}}
     for case in cases:
         out = subprocess.run([sys.executable, "-m", "bench.loader", "--case", case,
-                              str(workers), str(batches), str(warmup)],
+                              "--workers", str(workers), "--batches", str(batches),
+                              "--warmup", str(warmup)],
                              cwd=REPO, check=True, capture_output=True, text=True)
         results["cases"][case] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results["cases"][case]
@@ -272,7 +292,8 @@ def main(workers=None, batches=24, warmup=3):
     results["load_avg_after"] = os.getloadavg()
 
     print(f"\nloader benchmark: 512 px, channels {list(CHANNELS)}, augment, batch {BATCH}, "
-          f"{workers} workers, {os.cpu_count()} cores, {len(sites)} sites")
+          f"{workers} workers, {os.cpu_count()} cores, CPU {results['cpu_capability']}, "
+          f"{len(sites)} sites")
     print(f"{'case':<20} {'samples/s':>9} {'first batch s':>13} {'peak RSS MB':>11} "
           f"{'+workers MB':>11}")
     for r in results["cases"].values():
@@ -286,15 +307,12 @@ def main(workers=None, batches=24, warmup=3):
                for k in ("dali_cpu_vs_reference", "dali_cpu_vs_raw_read")]
     print(f"goals: dali-cpu >= 5x reference-style ({verdict[0]}), "
           f">= 0.2 of raw read ({verdict[1]})")
-    with open(RESULTS, "w") as f:
-        json.dump(results, f, indent=1)
+    write_bytes(RESULTS, json.dumps(results, indent=1))
     print(f"wrote {os.path.relpath(RESULTS, REPO)}")
-    return results
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--case":
-        case, workers, batches, warmup = sys.argv[2], *map(int, sys.argv[3:6])
-        print(json.dumps(measure(case, workers, batches, warmup)))
-    else:
-        main(*sys.argv[1:2])
+    import fire
+
+    from common.errors import run_cli
+    run_cli(lambda: fire.Fire(main, name="bench.loader"))

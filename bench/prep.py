@@ -27,6 +27,7 @@ from numcodecs import Zstd
 
 from bench.proc_tree import tree_rss
 from prep.png_io import read_site, site_paths
+from shards.atomic import write_bytes
 
 
 def load_sites(data_dir):
@@ -154,9 +155,16 @@ def stage_costs(data_dir, n=32):
 
 
 def main(workers=None):
+    """Time prep against pure PNG decode on 1 and 2 synthetic 512 px experiments (writes bench/results_prep.json).
+
+    Args:
+        workers: worker processes for prep and for the decode ceiling (default: all cores).
+    """
+    from common.precision import cpu_capability
     workers = int(workers or os.cpu_count() or 1)
     data = ensure_data(workers)
-    results = {"workers": workers, "image_size": 512, "sizes": {}}
+    results = {"workers": workers, "image_size": 512, "cpu_capability": cpu_capability(),
+               "sizes": {}}
     for n_exp, data_dir in data.items():
         n = len(load_sites(data_dir))
         out_dir = os.path.join(OUT, f"store{n_exp}")
@@ -177,7 +185,8 @@ def main(workers=None):
     results["load_avg_1min"] = os.getloadavg()[0]
 
     print(f"\nprep benchmark: synthetic 512 px sites, {workers} workers "
-          f"(load average now {results['load_avg_1min']:.1f} on {os.cpu_count()} cores)")
+          f"(load average now {results['load_avg_1min']:.1f} on {os.cpu_count()} cores, "
+          f"CPU {results['cpu_capability']})")
     print(f"{'exps':>4} {'sites':>6} {'prep/s':>7} {'decode/s':>8} {'ratio':>6} "
           f"{'cpu ms/site prep|dec':>20} {'cpu ratio':>9} {'zarr/png':>8} {'tar/png':>7} "
           f"{'RSS tree|proc MB':>16}")
@@ -193,11 +202,12 @@ def main(workers=None):
         + "; compression ratio "
         + ", ".join(f"{k} {v:.2f}" for k, v in results["zstd_ratio"].items())
         + " (prep uses zstd1; file writes are not in this list)")
-    with open(RESULTS, "w") as f:
-        json.dump(results, f, indent=1)
+    write_bytes(RESULTS, json.dumps(results, indent=1))
     print(f"wrote {RESULTS}")
-    return results
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    import fire
+
+    from common.errors import run_cli
+    run_cli(lambda: fire.Fire(main, name="bench.prep"))

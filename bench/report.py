@@ -6,6 +6,8 @@ import json
 import os
 import platform
 
+from shards.atomic import write_bytes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -15,6 +17,8 @@ def _load(name):
 
 
 def machine() -> str:
+    """The host in one line, CPU capability included: figures differ between hosts of one kind."""
+    from common.precision import cpu_capability
     cpu = platform.processor() or platform.machine()
     try:
         for line in open("/proc/cpuinfo"):
@@ -26,7 +30,7 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
+    return f"{cpu} ({cpu_capability()}), {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}"
 
 
 def table(results: dict) -> str:
@@ -59,19 +63,21 @@ def table(results: dict) -> str:
 
 
 def main():
+    """Merge bench/results_{prep,loader,train}.json into bench/results.json and bench/results.md."""
     results = {"machine": machine()}
     for name in ("prep", "loader", "train"):
         r = _load(name)
         if r is not None:
             results[name] = r
-    with open(os.path.join(HERE, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_bytes(os.path.join(HERE, "results.json"), json.dumps(results, indent=1))
     md = table(results)
-    with open(os.path.join(HERE, "results.md"), "w") as f:
-        f.write(md + "\n")
+    write_bytes(os.path.join(HERE, "results.md"), md + "\n")
     print(md)
     print("\nwrote bench/results.json and bench/results.md")
 
 
 if __name__ == "__main__":
-    main()
+    import fire
+
+    from common.errors import run_cli
+    run_cli(lambda: fire.Fire(main, name="bench.report"))

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from bench.full_store import HERE, REPO, STORE, ensure_store
+from shards.atomic import write_bytes
 
 RESULTS = os.path.join(HERE, "results_train.json")
 CHANNELS = (1, 2, 3, 5, 6)
@@ -43,8 +44,8 @@ def sync(device):
 
 
 def make_step(model_name, device, dtype, channels_last):
+    from common.precision import autocast
     from train.models import create_model
-    from train.recipe import autocast
     from train.schedule import make_optimizer
     torch.manual_seed(0)
     model = create_model("cell_senet", model_name=model_name, num_classes=1108,
@@ -126,23 +127,44 @@ def loader_batches(size, batch, device, workers, backend, epochs):
 
 
 def main(steps=20, senet_steps=8, warmup=3, batch=None, workers=None, backend="auto",
-         cases="small,senet", device=None):
-    """Run the cases; --steps/--senet-steps timed steps, --batch overrides both batch sizes."""
-    from train.recipe import use_channels_last
+         cases="small,senet", device=None, amp="auto"):
+    """Time a training step with synthetic tensors and fed by the loader (writes bench/results_train.json).
+
+    Args:
+        steps: timed steps of the small case (resnet18, 128 px).
+        senet_steps: timed steps of the senet case (seresnext50, 256 px).
+        warmup: untimed steps before each measurement.
+        batch: batch size of every case (default: per case, larger on a GPU).
+        workers: loader workers (default: all cores).
+        backend: loader backend, auto|dali|torch.
+        cases: comma list of small,senet.
+        device: cpu or cuda[:N] (default: cuda where present).
+        amp: auto|bf16|fp16|none, as the trainer's args.amp (auto: fp32 on a CPU without native bf16).
+    """
+    from common.arglists import parse_names
+    from common.errors import BadInput
+    from common.precision import AMP_MODES, amp_dtype, cpu_capability
+    if amp not in AMP_MODES:
+        raise BadInput(f"--amp {amp!r} unknown; valid: {', '.join(AMP_MODES)}")
+    names = parse_names(cases, "--cases") or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise BadInput(f"--cases: {', '.join(unknown)} unknown; valid: {', '.join(CASES)}")
     workers = int(workers or os.cpu_count() or 1)
     ensure_store(workers)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if (not gpu or torch.cuda.is_bf16_supported()) else torch.float16
-    channels_last = use_channels_last("auto")   # the trainer's default
+    dtype = amp_dtype(amp, device)
+    channels_last = True   # the trainer's default (args.channels_last: auto = on, CPU and GPU)
     if gpu:
         torch.backends.cudnn.benchmark = True
     results = {"device": str(device) if not gpu else torch.cuda.get_device_name(device),
                "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-               "workers": workers, "amp": str(dtype).replace("torch.", ""),
+               "workers": workers, "amp": str(dtype).replace("torch.", "") if dtype else "fp32",
+               "cpu_capability": cpu_capability(),
                "channels": list(CHANNELS), "store": os.path.relpath(STORE, REPO),
                "load_avg_before": list(os.getloadavg()), "cases": {}}
-    for name in [c.strip() for c in str(cases).split(",") if c.strip()]:
+    for name in names:
         model_name, size, cpu_batch, gpu_batch = CASES[name]
         b = int(batch or (gpu_batch if gpu else cpu_batch))
         n = int(senet_steps if name == "senet" else steps)
@@ -166,17 +188,14 @@ def main(steps=20, senet_steps=8, warmup=3, batch=None, workers=None, backend="a
         }
         del step
     results["load_avg_after"] = list(os.getloadavg())
-    tmp = RESULTS + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, RESULTS)
+    write_bytes(RESULTS, json.dumps(results, indent=1))
     print_table(results)
     return None
 
 
 def print_table(r):
-    print(f"\ntraining images/s on {r['device']} ({r['cores']} cores, {r['torch_threads']} torch "
-          f"threads, {r['workers']} loader workers, autocast {r['amp']}):")
+    print(f"\ntraining images/s on {r['device']} ({r['cores']} cores, CPU {r.get('cpu_capability')}, "
+          f"{r['torch_threads']} torch threads, {r['workers']} loader workers, autocast {r['amp']}):")
     print(f"{'case':<8}{'model':<22}{'px':>5}{'batch':>6}{'synthetic':>11}{'+loader':>10}"
           f"{'ratio':>7}{'loader alone':>14}")
     for name, c in r["cases"].items():
@@ -188,4 +207,6 @@ def print_table(r):
 
 if __name__ == "__main__":
     import fire
-    fire.Fire(main)
+
+    from common.errors import run_cli
+    run_cli(lambda: fire.Fire(main, name="bench.train"))
