@@ -25,6 +25,7 @@ Prints a table and writes bench/results_loader.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -109,23 +110,23 @@ def reference_loader(workers):
 # ------------------------------------------------------------------ cases, one process each
 
 def make(case, workers):
-    from shards import make_loader
-    kw = dict(channels=CHANNELS, sites="random", batch_size=BATCH, augment=True,
-              channel_dropout=DROPOUT, num_workers=workers, seed=0)
+    from shards import LoaderSpec, make_loader
+    spec = LoaderSpec(channels=CHANNELS, sites="random", batch_size=BATCH, augment=True,
+                      channel_dropout=DROPOUT, num_workers=workers, seed=0, backend="dali")
     if case == "dali-cpu":
-        return make_loader(STORE, "train", backend="dali", **kw)
+        return make_loader(STORE, "train", spec)
     if case == "dali-gpu":
-        return make_loader(STORE, "train", backend="dali", device="cuda:0", **kw)
+        return make_loader(STORE, "train", dataclasses.replace(spec, device="cuda:0"))
     if case == "torch":
-        return make_loader(STORE, "train", backend="torch", **kw)
+        return make_loader(STORE, "train", dataclasses.replace(spec, backend="torch"))
     if case == "reference-style":
         return reference_loader(workers)
     if case == "dali-pipeline-uint8":
-        return DaliPipelineOnly(make_loader(STORE, "train", backend="dali", **kw))
+        return DaliPipelineOnly(make_loader(STORE, "train", spec))
     if case == "delivery-float32":
-        return DeliveryOnly(make_loader(STORE, "train", backend="dali", **kw))
+        return DeliveryOnly(make_loader(STORE, "train", spec))
     if case == "raw-read":
-        return RawRead(make_loader(STORE, "train", backend="dali", **kw))
+        return RawRead(make_loader(STORE, "train", spec))
     raise SystemExit(f"unknown case {case!r}")
 
 
@@ -183,8 +184,7 @@ class DeliveryOnly:
         images, rows = next(iter(DaliBatch(L)))
         gen = torch.Generator().manual_seed(0)
         for _ in range(40):
-            out = deliver(images, rows, L.mean, L.std, L.labels, L.channels, None, DROPOUT,
-                          gen, L.device)
+            out = deliver(images, rows, L.delivery, gen)
             yield len(out[0])
 
 

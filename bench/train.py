@@ -111,11 +111,11 @@ def synthetic(batch, size, device, count):
 
 
 def loader_batches(size, batch, device, workers, backend, epochs):
-    from shards import make_loader
-    loader = make_loader(STORE, "train", channels=CHANNELS, norm="site", sites="random",
-                         image_size=size, batch_size=batch, augment=True, channel_dropout=0.1,
-                         seed=0, backend=backend, device=str(device), num_workers=workers,
-                         label_column=None)
+    from shards import LoaderSpec, make_loader
+    loader = make_loader(STORE, "train", LoaderSpec(
+        channels=CHANNELS, norm="site", sites="random", image_size=size, batch_size=batch,
+        augment=True, channel_dropout=0.1, seed=0, backend=backend, device=str(device),
+        num_workers=workers, label_column=None))
 
     def gen():
         for e in range(epochs):

@@ -11,6 +11,10 @@ _PUBLIC = {
     "open_store": "shards.store",
     "StoreError": "shards.store",
     "make_loader": "shards.loader",
+    "LoaderSpec": "shards.loader_spec",
+    "LoaderError": "shards.loader_spec",
+    "SITE_MODES": "shards.loader_spec",
+    "BACKENDS": "shards.loader_spec",
 }
 
 

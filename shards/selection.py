@@ -23,9 +23,9 @@ import pandas as pd
 
 from shards.dali_index import PIXELS, READ_MEMBERS, format_entry, parse_index
 from shards.layout import SITES, SPLITS, sample_key
-
-SITE_MODES = ("random", "two", "one")
-DEFAULT_LABEL_COLUMN = "sirna"
+from shards.loader_spec import DEFAULT_LABEL_COLUMN, LoaderError
+from shards.metadata import read_csv_checked
+from shards.store import StoreError
 
 
 def resolve_selection(sites: pd.DataFrame, selection, label_column=DEFAULT_LABEL_COLUMN
@@ -38,51 +38,55 @@ def resolve_selection(sites: pd.DataFrame, selection, label_column=DEFAULT_LABEL
     gets -1 everywhere when the column is the default (`sirna`: e.g. test.csv,
     which has no labels); any other absent column is an error, since asking
     for it by name means the caller expects labels.  For a split name or "all"
-    the labels are the sites table's `label_column`.
+    the labels are the sites table's `label_column`.  Bad input raises
+    LoaderError (MetadataError for an unreadable CSV) naming the file and row.
     """
     if isinstance(selection, (str, os.PathLike)) and str(selection) in (*SPLITS, "all"):
         name = str(selection)
         if label_column is not None and label_column not in sites.columns:
-            raise LookupError(f"label column {label_column!r} is not a column of the sites "
+            raise LoaderError(f"label column {label_column!r} is not a column of the sites "
                               f"table ({', '.join(sites.columns)})")
         chosen = sites if name == "all" else sites[sites["split"] == name]
         df = chosen.drop_duplicates("id_code")
         if df.empty:
-            raise ValueError(f"selection {name!r} is empty: the store holds no {name} wells")
+            raise LoaderError(f"selection {name!r} is empty: the store holds no {name} wells")
         labels = (df[label_column] if label_column is not None
                   else pd.Series(-1, index=df.index))
-        return _frame(df["id_code"], labels, f"the sites table's {label_column!r}")
+        return _frame(df["id_code"], labels, lambda i: f"the sites table's {label_column!r}")
 
     where = "selection"
     if isinstance(selection, (str, os.PathLike)):
         where = str(selection)
         if not os.path.isfile(where):
-            raise ValueError(f"selection {where!r} is neither a CSV file nor one of "
-                             f"{', '.join(SPLITS)}, all")
-        try:
-            selection = pd.read_csv(where)
-        except pd.errors.EmptyDataError:
-            raise ValueError(f"selection {where}: empty file, expected a CSV with an id_code "
-                             "column") from None
+            raise LoaderError(f"selection {where!r} is neither a CSV file nor one of "
+                              f"{', '.join(SPLITS)}, all")
+        # Names the file on an empty or unreadable CSV, a missing id_code column or
+        # an empty id_code cell; reads every value as text.
+        selection = read_csv_checked(where, ["id_code"])
+        where_row = where + ", row"
+    else:
+        where_row = "selection row"
     if not isinstance(selection, pd.DataFrame):
-        raise TypeError(f"selection must be a DataFrame, a CSV path, a split name or 'all', "
-                        f"not {type(selection).__name__}")
+        raise LoaderError(f"selection must be a DataFrame, a CSV path, a split name or 'all', "
+                          f"not {type(selection).__name__}")
     if "id_code" not in selection.columns:
-        raise LookupError(f"{where}: no id_code column (columns: "
+        raise LoaderError(f"{where}: no id_code column (columns: "
                           f"{', '.join(map(str, selection.columns))})")
     if selection.empty:
-        raise ValueError(f"{where}: the selection is empty (no wells)")
+        raise LoaderError(f"{where}: the selection is empty (no wells)")
+    selection = selection.reset_index(drop=True)  # position i is data row i + 1
     ids = selection["id_code"].astype(str).str.strip()
     dup = ids[ids.duplicated()]
     if len(dup):
-        raise ValueError(f"{where}: id_code {dup.iloc[0]!r} appears more than once "
-                         f"({len(dup)} repeated); a selection names each well once")
+        raise LoaderError(f"{where_row} {dup.index[0] + 1}: id_code {dup.iloc[0]!r} appears "
+                          f"more than once ({len(dup)} repeated); a selection names each well "
+                          "once")
     unknown = ~ids.isin(sites["id_code"])
     if unknown.any():
         bad = ids[unknown]
-        raise LookupError(f"{where}: id_code {bad.iloc[0]!r} (data row {bad.index[0] + 1}) is not "
-                          f"in the store" + (f", nor are {unknown.sum() - 1} more"
-                                             if unknown.sum() > 1 else ""))
+        raise LoaderError(f"{where_row} {bad.index[0] + 1}: id_code {bad.iloc[0]!r} is not in "
+                          f"the store" + (f", nor are {unknown.sum() - 1} more"
+                                          if unknown.sum() > 1 else ""))
     if label_column is None:
         labels = pd.Series(-1, index=selection.index)
     elif label_column in selection.columns:
@@ -90,19 +94,22 @@ def resolve_selection(sites: pd.DataFrame, selection, label_column=DEFAULT_LABEL
     elif label_column == DEFAULT_LABEL_COLUMN:
         labels = pd.Series(-1, index=selection.index)
     else:
-        raise LookupError(f"{where}: label column {label_column!r} missing (columns: "
+        raise LoaderError(f"{where}: label column {label_column!r} missing (columns: "
                           f"{', '.join(map(str, selection.columns))})")
-    return _frame(ids, labels, f"{where} column {label_column!r}")
+    return _frame(ids, labels, lambda i: f"{where_row} {i + 1}: column {label_column!r}")
 
 
-def _frame(ids: pd.Series, labels: pd.Series, where: str) -> pd.DataFrame:
-    """(id_code, label int64) with missing labels as -1; ValueError naming a non-integer one."""
-    values = pd.to_numeric(labels, errors="coerce")
-    bad = labels.notna() & (values.isna() | (values.fillna(0) % 1 != 0))
+def _frame(ids: pd.Series, labels: pd.Series, where) -> pd.DataFrame:
+    """(id_code, label int64) with missing labels (NaN or blank) as -1; LoaderError naming
+    the first non-integer one where `where(i)` says (i: its 0-based position)."""
+    text = labels.astype(str).str.strip()
+    missing = labels.isna().to_numpy() | (text == "").to_numpy()
+    values = pd.to_numeric(text.where(~missing), errors="coerce")
+    bad = ~missing & (values.isna() | (values.fillna(0) % 1 != 0)).to_numpy()
     if bad.any():
-        i = bad.to_numpy().argmax()
-        raise ValueError(f"{where}: label {labels.iloc[i]!r} of id_code {ids.iloc[i]!r} "
-                         "is not an integer")
+        i = int(bad.argmax())
+        raise LoaderError(f"{where(i)}: label {labels.iloc[i]!r} of id_code "
+                          f"{ids.iloc[i]!r} is not an integer")
     return pd.DataFrame({"id_code": ids.to_numpy(),
                          "label": values.fillna(-1).astype(np.int64).to_numpy()})
 
@@ -116,13 +123,6 @@ def well_sites(sites: pd.DataFrame, wells: pd.DataFrame) -> np.ndarray:
     site = sites["site"].to_numpy()[hit]
     table[where[hit], site - 1] = sites["row"].to_numpy()[hit]
     return table
-
-
-def check_site_mode(sites_mode: str, site: int) -> None:
-    if sites_mode not in SITE_MODES:
-        raise ValueError(f"sites={sites_mode!r}: choose one of {', '.join(SITE_MODES)}")
-    if sites_mode == "one" and site not in SITES:
-        raise ValueError(f"site={site!r}: a well has sites {SITES[0]} and {SITES[1]}")
 
 
 def epoch_rows(table: np.ndarray, wells: pd.DataFrame, sites_mode: str, site: int,
@@ -139,7 +139,7 @@ def epoch_rows(table: np.ndarray, wells: pd.DataFrame, sites_mode: str, site: in
         rows = table[:, site - 1]
         missing = np.flatnonzero(rows < 0)
         if len(missing):
-            raise LookupError(f"id_code {wells['id_code'].iloc[missing[0]]!r} has no site {site} "
+            raise LoaderError(f"id_code {wells['id_code'].iloc[missing[0]]!r} has no site {site} "
                               f"in the store ({len(missing)} wells lack it); use sites='random'")
         return rows
     pick = np.random.default_rng([seed, epoch, 1]).integers(0, 2, len(table))
@@ -180,7 +180,7 @@ def rank_batches(order: np.ndarray, rank: int, world_size: int, batch_size: int,
     if drop_last:
         per_rank = n // (world_size * batch_size)
         if per_rank == 0:
-            raise ValueError(f"{n} samples do not fill one batch of {batch_size} on each of "
+            raise LoaderError(f"{n} samples do not fill one batch of {batch_size} on each of "
                              f"{world_size} rank(s); use drop_last=False or a smaller batch")
         order = order[: per_rank * world_size * batch_size]
     mine = order[rank::world_size]
@@ -188,7 +188,7 @@ def rank_batches(order: np.ndarray, rank: int, world_size: int, batch_size: int,
     if drop_last:
         n_batches = per_rank
     if len(mine) < n_batches:
-        raise ValueError(f"rank {rank} has {len(mine)} samples for {n_batches} batches: "
+        raise LoaderError(f"rank {rank} has {len(mine)} samples for {n_batches} batches: "
                          f"{n} samples cannot give {world_size} ranks the same number of "
                          f"batches of {batch_size} without repeats; use drop_last=True")
     pieces = [[batch_size]] * (len(mine) // batch_size)
@@ -220,19 +220,19 @@ def locate_rows(sites: pd.DataFrame, shard_paths: list[str], index_paths: list[s
             try:
                 entries = parse_index(f.read())
             except ValueError as e:
-                raise ValueError(f"{path}: not a DALI index: {e}") from None
+                raise StoreError(f"{path}: not a DALI index: {e}; re-run prep") from None
         lines = []
         for i, entry in enumerate(entries):
             members = {ext: (ext, off, size, name) for ext, off, size, name in entry}
             if any(ext not in members for ext in READ_MEMBERS):
-                raise ValueError(f"{path}: sample {i + 1} lacks a {' or '.join(READ_MEMBERS)} "
+                raise StoreError(f"{path}: sample {i + 1} lacks a {' or '.join(READ_MEMBERS)} "
                                  f"member ({entry!r})")
             key = members[PIXELS][3].rsplit(".", 1)[0]
             row = key_to_row.get(key)
             if row is None:
-                raise LookupError(f"{path}: sample {key!r} is not in the sites table")
+                raise StoreError(f"{path}: sample {key!r} is not in the sites table")
             if out["shard"][row] >= 0:
-                raise ValueError(f"{path}: sample {key!r} (row {row}) is also in "
+                raise StoreError(f"{path}: sample {key!r} (row {row}) is also in "
                                  f"{index_paths[out['shard'][row]]}")
             out["shard"][row], out["position"][row] = s, i
             out["offset"][row] = members[PIXELS][1]
