@@ -1,9 +1,11 @@
 """`python -m infer COMMAND --help` — predict-all, ensemble, pseudo-labels, score.
 
     python -m infer predict-all --shards OUT --model-root LOGS/finetune --model-name NAME \\
-        --out-dir PRED [--tta 1|2|8] [--batch-size 64] [--split test|valid] [--data-dir DATA]
+        --out-dir PRED [--tta 1|2|8] [--batch-size 64] [--split test|valid] [--data-dir DATA] \\
+        [--amp auto|bf16|fp16|none]
     python -m infer ensemble --data-dir DATA --predict-root PRED [--model-names a,b] \\
-        [--extra-logits f.npy,g.npy] [--out submission.csv] [--no-assign] [--temperature 1]
+        [--extra-logits f.npy,g.npy] [--out submission.csv] [--no-assign] [--temperature 1] \\
+        [--model-root LOGS/finetune] [--allow-missing]
     python -m infer pseudo-labels --data-dir DATA --predict-root PRED --folds-dir csv \\
         --out-dir csv/pseudo [--min-confidence 0.5] [--confidence group|full]
     python -m infer score --submission submission.csv --truth DATA/test_truth.csv
@@ -11,14 +13,14 @@
 
 Bad input exits with status 2 and one line naming the file, plate or id_code.
 """
-import sys
-
 import fire
+
+from common.errors import run_cli
 
 
 def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, split="test",
                 data_dir=None, folds=None, channels=None, device=None, backend="auto",
-                overwrite=False):
+                overwrite=False, amp=None):
     """Logits of every [channels]/fold_k/<model_name> checkpoint under model_root.
 
     Writes OUT_DIR/[channels]/fold_k/<model_name>/pred_<split>.npy (float32,
@@ -27,40 +29,52 @@ def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, s
     valid CSV order for valid) with ids_<split>.csv beside it. Both sites are
     averaged; --tta 2 adds the horizontal flip, --tta 8 the dihedral group.
     Under torchrun every rank predicts its part and rank 0 writes.
-    --folds 0,1 / --channels "[1,2,3,4,5]" restrict the runs; --overwrite redoes
-    runs whose output exists (they are skipped otherwise).
+    --folds 0,1 / --channels "[1,2,3,4,5]" (or "[1,2,3,4,5];[1,2,3,5,6]", all)
+    restrict the runs; --overwrite redoes runs whose output exists (they are
+    skipped otherwise). --amp (auto, bf16, fp16, none) defaults to each run's
+    own training setting; auto is bf16 only where the device computes it natively.
     """
     from infer.predict import predict_all as run
     return run(shards, model_root, model_name, out_dir, tta=tta, batch_size=batch_size,
                split=split, data_dir=data_dir, folds=folds, channels=channels, device=device,
-               backend=backend, overwrite=overwrite)
+               backend=backend, overwrite=overwrite, amp=amp)
 
 
 def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, out=None,
-             no_assign=False, temperature=1.0, min_margin=0.05):
+             no_assign=False, temperature=1.0, min_margin=0.05, model_root=None,
+             allow_missing=False):
     """Average logits (subsets, folds, models, extra files), softmax, plate-constrained assignment.
 
     Writes OUT (default PREDICT_ROOT/submission.csv) in sample_submission order,
     plus OUT.probs.npy / OUT.ids.csv (averaged probabilities) and OUT.plates.csv
     (plate, inferred group, margin, wells). Plates whose top-two group scores
     differ by less than --min-margin are reported as ambiguous.
+
+    Members: every [channels]/fold_k/<model> folder under PREDICT_ROOT (of the
+    --model-names when given) is expected to hold pred_test.npy, and with
+    --model-root LOGS/<part> so is every run there with checkpoints/best.pth.
+    A member without it (a predict-all that stopped early or never ran) is an
+    error listing them all; --allow-missing ensembles the rest with a warning.
     """
     from infer.ensemble import ensemble as run
     return run(data_dir, predict_root, model_names=model_names, extra_logits=extra_logits,
-               out=out, assign=not no_assign, temperature=temperature, min_margin=min_margin)
+               out=out, assign=not no_assign, temperature=temperature, min_margin=min_margin,
+               model_root=model_root, allow_missing=allow_missing)
 
 
 def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5,
                   model_names=None, extra_logits=None, temperature=1.0, min_margin=0.05,
-                  confidence="group"):
+                  confidence="group", allow_missing=False):
     """Part III CSVs: each fold's train rows + test wells whose assigned siRNA has p >= min_confidence.
 
-    --confidence group (default) measures p within the plate's siRNA group; full uses the plain softmax.
+    --confidence group (default) measures p within the plate's siRNA group; full uses the plain
+    softmax. OUT_DIR must not be FOLDS_DIR (nor a link to it). Missing predictions are an error
+    as in `ensemble`, unless --allow-missing.
     """
     from infer.pseudo import pseudo_labels as run
     return run(data_dir, predict_root, folds_dir, out_dir, min_confidence=min_confidence,
                model_names=model_names, extra_logits=extra_logits, temperature=temperature,
-               min_margin=min_margin, confidence=confidence)
+               min_margin=min_margin, confidence=confidence, allow_missing=allow_missing)
 
 
 def score(submission=None, truth=None, predict_root=None, split="valid", folds_dir=None,
@@ -77,27 +91,7 @@ COMMANDS = {"predict-all": predict_all, "ensemble": ensemble,
 
 
 def main(argv=None):
-    try:
-        return fire.Fire(COMMANDS, command=argv, name="infer")
-    except _input_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _input_errors() -> tuple:
-    """Errors that mean bad input (worded for a person), not a bug (keeps its traceback)."""
-    import importlib
-
-    from infer import InferError
-
-    errors = [InferError]
-    for module, name in (("shards.metadata", "MetadataError"), ("shards.store", "StoreError"),
-                         ("shards.manifest", "ManifestError")):
-        try:
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+    return run_cli(lambda: fire.Fire(COMMANDS, command=argv, name="infer"))
 
 
 if __name__ == "__main__":

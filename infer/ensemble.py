@@ -15,35 +15,21 @@ the averaged logits, rows as in `submission.ids.csv`) and
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from common.arglists import parse_names
 from infer import InferError
 from infer.assign import assign_plates, log_softmax
 from infer.groups import Groups, derive_groups, format_plate_table, infer_plate_groups
+from infer.predictions import PredFile, find_predictions, load_logits
+from infer.wells import load_test_wells
 from shards.atomic import write_atomic
-from shards.layout import CONTROL_BASE, cell_type_of, parse_channels, parse_id_code
+from shards.layout import CONTROL_BASE
 from shards.metadata import load_wells, read_csv_checked
-
-PRED_FILE = "pred_{split}.npy"
-IDS_FILE = "ids_{split}.csv"
-_FOLD_RE = re.compile(r"^fold_(\d+)$")
-
-
-# ------------------------------------------------------------------ tables
-
-def load_test_wells(data_dir) -> pd.DataFrame:
-    """Test treatment wells (id_code, experiment, cell_type, plate, well) in test.csv order."""
-    wells = load_wells(data_dir)
-    test = wells[(wells["split"] == "test") & (wells["well_type"] == "treatment")]
-    # load_wells sorts; the logits follow the order of test.csv itself.
-    order = read_csv_checked(os.path.join(str(data_dir), "test.csv"), ("id_code",))["id_code"]
-    test = test.set_index("id_code").loc[order.to_numpy()].reset_index()
-    return test[["id_code", "experiment", "cell_type", "plate", "well"]].reset_index(drop=True)
 
 
 def load_train_groups(data_dir) -> Groups:
@@ -52,127 +38,7 @@ def load_train_groups(data_dir) -> Groups:
     return derive_groups(train, source=os.path.join(str(data_dir), "train.csv"))
 
 
-def wells_from_ids(ids: Sequence[str]) -> pd.DataFrame:
-    """experiment, cell_type, plate, well parsed from id_codes (for logits of any split)."""
-    rows = []
-    for i in ids:
-        try:
-            e, p, w = parse_id_code(i)
-            rows.append((i, e, cell_type_of(e), p, w))
-        except ValueError as err:
-            raise InferError(str(err)) from None
-    return pd.DataFrame(rows, columns=["id_code", "experiment", "cell_type", "plate", "well"])
-
-
-# ------------------------------------------------------------------ prediction files
-
-@dataclass(frozen=True)
-class PredFile:
-    channels: str   # folder name, e.g. "[1,2,3,4,5]"
-    fold: int | None
-    model: str
-    path: str
-
-    @property
-    def ids_path(self) -> str:
-        split = os.path.basename(self.path)[len("pred_"):-len(".npy")]
-        return os.path.join(os.path.dirname(self.path), IDS_FILE.format(split=split))
-
-    @property
-    def name(self) -> str:
-        fold = "" if self.fold is None else f"/fold_{self.fold}"
-        return f"{self.channels}{fold}/{self.model}"
-
-
-def parse_names(value) -> list[str] | None:
-    """`a,b` / ('a','b') / None -> list (fire turns `a,b` into a tuple)."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return [str(v).strip() for v in value]
-
-
-def find_predictions(predict_root, split: str = "test",
-                     model_names: Iterable[str] | None = None) -> list[PredFile]:
-    """Every `<root>/[channels]/fold_<k>/<model>/pred_<split>.npy` (or without the fold level)."""
-    root = str(predict_root)
-    if not os.path.isdir(root):
-        raise InferError(f"predict root {root}: not a directory")
-    wanted = set(parse_names(model_names) or []) or None
-    fname = PRED_FILE.format(split=split)
-    found = []
-    for chan in sorted(os.listdir(root)):
-        cdir = os.path.join(root, chan)
-        if not os.path.isdir(cdir):
-            continue
-        try:
-            parse_channels(chan)
-        except ValueError:
-            continue  # not a channel-subset folder (e.g. a submission folder)
-        for sub in sorted(os.listdir(cdir)):
-            m = _FOLD_RE.match(sub)
-            if m:
-                fold, fdir = int(m.group(1)), os.path.join(cdir, sub)
-                models = [(d, os.path.join(fdir, d)) for d in sorted(os.listdir(fdir))]
-            else:
-                fold, models = None, [(sub, os.path.join(cdir, sub))]
-            for model, mdir in models:
-                path = os.path.join(mdir, fname)
-                if os.path.isfile(path):
-                    found.append(PredFile(chan, fold, model, path))
-    if not found:
-        raise InferError(f"predict root {root}: no [channels]/fold_<k>/<model>/{fname} files; "
-                         "run `python -m infer predict-all` first")
-    if wanted:
-        models = {f.model for f in found}
-        missing = wanted - models
-        if missing:
-            raise InferError(f"predict root {root}: no {fname} for model(s) "
-                             f"{', '.join(sorted(missing))}; it has {', '.join(sorted(models))}")
-        found = [f for f in found if f.model in wanted]
-    return found
-
-
-def load_logits(path: str, ids: Sequence[str], ids_path: str | None = None,
-                like: tuple[int, str] | None = None) -> np.ndarray:
-    """Logits of `path` as (len(ids), C) float32 in the order of `ids`.
-
-    With an ids file beside it the rows are matched by id_code; without one
-    they must already be in the order of `ids`.
-    """
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InferError(f"{path}: cannot read as a .npy array ({e})") from None
-    if arr.ndim != 2:
-        raise InferError(f"{path}: logits must be 2-D (wells, classes); got shape {arr.shape}")
-    if like is not None and arr.shape[1] != like[0]:
-        raise InferError(f"{path}: {arr.shape[1]} class columns, but {like[1]} has {like[0]}; "
-                         "logits of one ensemble must share their classes")
-    if not np.isfinite(arr).all():
-        raise InferError(f"{path}: contains NaN or infinite values")
-    ids = list(ids)
-    if ids_path and os.path.isfile(ids_path):
-        file_ids = pd.read_csv(ids_path, dtype={"id_code": str})
-        if "id_code" not in file_ids.columns:
-            raise InferError(f"{ids_path}: no id_code column")
-        file_ids = file_ids["id_code"].tolist()
-        if len(file_ids) != len(arr):
-            raise InferError(f"{path}: {len(arr)} rows but {ids_path} lists {len(file_ids)} ids")
-        pos = {c: i for i, c in enumerate(file_ids)}
-        missing = [c for c in ids if c not in pos]
-        extra = len(set(file_ids) - set(ids))
-        if missing or extra:
-            raise InferError(f"{path}: its ids ({ids_path}) do not match the expected wells: "
-                             f"{len(missing)} missing (e.g. {missing[:3]}), {extra} unexpected; "
-                             "were these logits predicted from another dataset or split?")
-        arr = arr[[pos[c] for c in ids]]
-    elif len(arr) != len(ids):
-        raise InferError(f"{path}: {len(arr)} rows but there are {len(ids)} wells "
-                         "(rows must follow test.csv order)")
-    return arr.astype(np.float32, copy=False)
-
+# ------------------------------------------------------------------ averaging
 
 def average_logits(files: Sequence[PredFile], ids: Sequence[str],
                    extra_logits: Sequence[str] = ()) -> tuple[np.ndarray, list[str]]:
@@ -239,12 +105,25 @@ def report_plates(plates: pd.DataFrame, out=print) -> None:
 # ------------------------------------------------------------------ the command
 
 def build(data_dir, predict_root=None, model_names=None, extra_logits=(), assign=True,
-          temperature=1.0, min_margin=0.05, quiet=False) -> tuple[Constrained, list[str]]:
-    """Averaged, softmaxed, plate-constrained test predictions."""
+          temperature=1.0, min_margin=0.05, quiet=False, allow_missing=False,
+          model_root=None) -> tuple[Constrained, list[str]]:
+    """Averaged, softmaxed, plate-constrained test predictions.
+
+    Every run folder under `predict_root` (and every finished run under
+    `model_root`, when given) must hold its pred_test.npy unless
+    `allow_missing` (see infer.predictions.find_predictions)."""
     wells = load_test_wells(data_dir)
     ids = wells["id_code"].tolist()
-    files = find_predictions(predict_root, "test", model_names) if predict_root else []
-    logits, used = average_logits(files, ids, [str(p) for p in parse_names(extra_logits) or []])
+    names = parse_names(model_names, "--model-names")
+    if predict_root:
+        files = find_predictions(predict_root, "test", names, allow_missing=allow_missing,
+                                 model_root=model_root)
+    elif model_root is not None:
+        raise InferError("--model-root is checked against --predict-root; give both")
+    else:
+        files = []
+    extra = parse_names(extra_logits or None, "--extra-logits") or []
+    logits, used = average_logits(files, ids, extra)
     groups = load_train_groups(data_dir) if assign else None
     if groups is not None and not quiet:
         print(groups.describe())
@@ -255,9 +134,11 @@ def build(data_dir, predict_root=None, model_names=None, extra_logits=(), assign
 
 
 def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, out=None,
-             assign=True, temperature=1.0, min_margin=0.05) -> dict:
+             assign=True, temperature=1.0, min_margin=0.05, allow_missing=False,
+             model_root=None) -> dict:
     result, used = build(data_dir, predict_root, model_names, extra_logits or (), assign,
-                         temperature, min_margin)
+                         temperature, min_margin, allow_missing=allow_missing,
+                         model_root=model_root)
     if out is None:
         if predict_root is None:
             raise InferError("give --out when ensembling only --extra-logits")
@@ -291,6 +172,14 @@ def order_like_sample(sub: pd.DataFrame, data_dir) -> pd.DataFrame:
     if not os.path.isfile(path):
         return sub
     sample = read_csv_checked(path, ("id_code",))["id_code"]
+    dup = sample.duplicated()
+    if dup.any():
+        # One row per well in a submission: a repeated id would repeat its row.
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        first = int(np.flatnonzero((sample == sample.iloc[i]).to_numpy())[0])
+        raise InferError(f"{path}, row {i + 1}: id_code {sample.iloc[i]} appears again "
+                         f"(first in row {first + 1}); each test well must be listed once"
+                         + (f" ({int(dup.sum()) - 1} more repeated row(s))" if dup.sum() > 1 else ""))
     known = set(sub["id_code"])
     unknown = [c for c in sample if c not in known]
     if unknown:

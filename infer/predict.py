@@ -17,10 +17,7 @@ samples, so a site already seen on a rank is not counted twice.
 """
 from __future__ import annotations
 
-import ast
-import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -30,14 +27,19 @@ import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
 
+from common.arglists import parse_folds, parse_subsets
 from common.distributed import Dist, init_distributed
+from common.precision import AMP_MODES, amp_dtype, autocast
+from common.run_layout import (channels_dirname, checkpoint_path, find_run_dirs, fold_dirname,
+                               run_subdir)
+from common.well_logits import WellMeans, well_index
 from infer import InferError
-from infer.ensemble import IDS_FILE, PRED_FILE, load_test_wells, write_atomic
-from common.run_layout import channels_dirname
-from shards.layout import CONTROL_BASE, parse_channels
+from infer.predictions import PRED_FILE, pred_dir, write_predictions
+from infer.wells import experiments_of, int_column, load_test_wells
+from shards.layout import CONTROL_BASE
+from shards.metadata import read_csv_checked
 
 TTA_CHOICES = (1, 2, 8)
-_FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 
 # ------------------------------------------------------------------ runs
@@ -50,42 +52,10 @@ class Run:
 
     @property
     def checkpoint(self) -> str:
-        return os.path.join(self.run_dir, "checkpoints", "best.pth")
+        return checkpoint_path(self.run_dir)
 
     def out_dir(self, root: str, model_name: str) -> str:
-        parts = [root, channels_dirname(self.channels)]
-        if self.fold is not None:
-            parts.append(f"fold_{self.fold}")
-        return os.path.join(*parts, model_name)
-
-
-def _as_list(value, cast):
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return [cast(v) for v in value]
-    if isinstance(value, str):
-        value = value.strip().strip("[]")
-        return [cast(v) for v in value.split(",") if v.strip()]
-    return [cast(value)]
-
-
-def _subsets(channels) -> set | None:
-    """'[1,2,3,4,5]' or [1,2,3,4,5] (fire parses the brackets) -> one subset; a list of them -> several."""
-    if channels is None:
-        return None
-    if isinstance(channels, str):
-        try:
-            channels = ast.literal_eval(channels.strip())
-        except (ValueError, SyntaxError):
-            pass  # parse_channels words the error
-    try:
-        if isinstance(channels, (list, tuple)) and channels and \
-                all(isinstance(c, (list, tuple, str)) for c in channels):
-            return {parse_channels(c) for c in channels}
-        return {parse_channels(channels)}
-    except ValueError as e:
-        raise InferError(f"--channels: {e}") from None
+        return pred_dir(root, self.channels, self.fold, model_name)
 
 
 def find_runs(model_root, model_name, folds=None, channels=None) -> list[Run]:
@@ -97,31 +67,12 @@ def find_runs(model_root, model_name, folds=None, channels=None) -> list[Run]:
     root = str(model_root)
     if not os.path.isdir(root):
         raise InferError(f"model root {root}: not a directory")
-    folds = _as_list(folds, int)
-    want_ch = _subsets(channels)
+    folds = None if folds is None else parse_folds(folds)
+    want_ch = None if channels is None else parse_subsets(channels)
     runs, unfinished = [], []
-    for chan in sorted(os.listdir(root)):
-        cdir = os.path.join(root, chan)
-        if not os.path.isdir(cdir):
-            continue
-        try:
-            ch = parse_channels(chan)
-        except ValueError:
-            continue
-        if want_ch is not None and ch not in want_ch:
-            continue
-        candidates = []
-        for sub in sorted(os.listdir(cdir)):
-            m = _FOLD_RE.match(sub)
-            if m:
-                candidates.append((int(m.group(1)), os.path.join(cdir, sub, model_name)))
-            elif sub == model_name:
-                candidates.append((None, os.path.join(cdir, sub)))
-        for fold, run_dir in candidates:
-            if not os.path.isdir(run_dir) or (folds is not None and fold not in folds):
-                continue
-            run = Run(ch, fold, run_dir)
-            (runs if os.path.isfile(run.checkpoint) else unfinished).append(run)
+    for rp in find_run_dirs(root, model_names=[model_name], folds=folds, subsets=want_ch):
+        run = Run(rp.channels, rp.fold, rp.path)
+        (runs if os.path.isfile(run.checkpoint) else unfinished).append(run)
     if unfinished:
         raise InferError(f"model root {root}: run(s) without checkpoints/best.pth: "
                          + ", ".join(r.run_dir for r in unfinished)
@@ -146,7 +97,8 @@ def check_run_config(run: Run, rc: dict, model_name: str) -> None:
         raise InferError(f"{ck}: model has {rc['n_channels']} input channels but channels "
                          f"{list(saved)}")
     if run.fold is not None and rc.get("fold") is not None and int(rc["fold"]) != run.fold:
-        raise InferError(f"{ck}: trained as fold {rc['fold']} but it sits in folder fold_{run.fold}")
+        raise InferError(f"{ck}: trained as fold {rc['fold']} but it sits in folder "
+                         f"{fold_dirname(run.fold)}")
     if rc.get("model_name") not in (None, model_name):
         raise InferError(f"{ck}: a {rc['model_name']} checkpoint in folder {model_name}")
 
@@ -184,18 +136,16 @@ def valid_selection(rc: dict, store_sites: pd.DataFrame, ck: str) -> pd.DataFram
     if not os.path.isfile(path):
         raise InferError(f"{ck}: valid CSV {path} (from its config) not found; run from the "
                          "directory the run was trained from, or restore the CSV")
-    df = pd.read_csv(path, dtype={"id_code": str})
-    missing = [c for c in ("id_code", "sirna") if c not in df.columns]
-    if missing:
-        raise InferError(f"{path}: missing column(s) {', '.join(missing)}")
+    df = read_csv_checked(path, ("id_code", "sirna"))
+    df["sirna"] = int_column(df, path, "sirna", 0)
     # Same wells as the trainer validated on (train.data.csv_selections): treatment rows.
-    df = df[df["sirna"].astype(np.int64) < CONTROL_BASE]
+    df = df[df["sirna"] < CONTROL_BASE]
     unknown = df.loc[~df["id_code"].isin(set(store_sites["id_code"])), "id_code"]
     if len(unknown):
         raise InferError(f"{path}: {len(unknown)} id_code(s) not in the store, e.g. "
                          f"{list(unknown[:3])}")
     if "experiment" not in df.columns:
-        df["experiment"] = df["id_code"].str.split("_").str[0]
+        df["experiment"] = experiments_of(df["id_code"], path)
     offset = int(rc.get("label_offset") or 0)
     return pd.DataFrame({"id_code": df["id_code"].to_numpy(),
                          "experiment": df["experiment"].to_numpy(),
@@ -228,48 +178,49 @@ def setup(device=None) -> tuple[Dist, torch.device]:
         raise InferError(f"--device: {e}") from None
 
 
+def well_of_row(sites: pd.DataFrame, wells: pd.DataFrame) -> np.ndarray:
+    """Per row number the loader yields (the sites table's `row`, else its position), the
+    index of its well in `wells` (-1 outside the selection)."""
+    pos = well_index(sites["id_code"].to_numpy(), wells["id_code"].to_numpy())
+    if "row" not in sites.columns:
+        return pos
+    rows = sites["row"].to_numpy().astype(np.int64)
+    out = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, np.int64)
+    out[rows] = pos
+    return out
+
+
+def run_amp(amp, rc: dict) -> str:
+    """--amp when given, else the run's own `args.amp` (auto when the config has none)."""
+    setting = amp if amp is not None else \
+        ((rc.get("config") or {}).get("args") or {}).get("amp", "auto")
+    if setting not in AMP_MODES:
+        raise InferError(f"--amp {setting!r}: choose one of {', '.join(AMP_MODES)}")
+    return setting
+
+
 @torch.no_grad()
 def predict_wells(model, loader, wells: pd.DataFrame, tta: int, device: torch.device,
-                  d: Dist, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
-    """(n_wells, C) float32 logits averaged over sites and views, and sites seen per well."""
-    pos = pd.Series(np.arange(len(wells)), index=wells["id_code"].to_numpy())
-    sites = loader.sites
-    id_of_row = sites.set_index("row")["id_code"] if "row" in sites.columns else sites["id_code"]
-    sums = counts = None
-    seen: set[int] = set()
-    use_amp = device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    n_batches = _len(loader)
-    for images, _labels, rows in tqdm(loader, total=n_batches, desc=desc, unit="batch",
+                  d: Dist, desc: str = "predict", amp: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+    """(n_wells, C) float32 logits averaged over sites and views, and sites seen per well.
+
+    `amp`: the autocast choice (common.precision): auto = bf16 only where the device has it."""
+    means = WellMeans(well_of_row(loader.sites, wells), len(wells))
+    dtype = amp_dtype(amp, device)
+    for images, _labels, rows in tqdm(loader, total=_len(loader), desc=desc, unit="batch",
                                       disable=d.rank != 0, file=sys.stderr):
-        rows = np.asarray(torch.as_tensor(rows).cpu(), dtype=np.int64)
-        keep = np.zeros(len(rows), bool)
-        keep[np.unique(rows, return_index=True)[1]] = True
-        keep &= np.array([r not in seen for r in rows], dtype=bool)
-        seen.update(rows.tolist())
-        if not keep.any():
-            continue
         images = images.to(device, non_blocking=True)
         logits = None
         for view in tta_views(images, tta):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+            with autocast(device, dtype):
                 out = model(view).float()
             logits = out if logits is None else logits + out
-        logits = (logits / tta).cpu().numpy().astype(np.float64)
-        if sums is None:
-            sums = np.zeros((len(wells), logits.shape[1]), np.float64)
-            counts = np.zeros(len(wells), np.float64)
-        idx = pos.reindex(id_of_row.loc[rows[keep]].to_numpy()).to_numpy()
-        if np.isnan(idx).any():
-            raise InferError("the loader yielded sites outside the selected wells")
-        idx = idx.astype(np.int64)
-        np.add.at(sums, idx, logits[keep])
-        np.add.at(counts, idx, 1.0)
+        means.add(torch.as_tensor(rows).cpu().numpy(), (logits / tta).cpu().numpy())
     if d.enabled:
-        sums, counts = _all_reduce(sums, counts, len(wells), device)
-    if sums is None:
+        means.all_reduce(device)
+    if means.sums is None:
         raise InferError("the loader yielded no samples; is the store empty for this selection?")
-    return (sums / np.maximum(counts, 1)[:, None]).astype(np.float32), counts
+    return means.means(), means.counts
 
 
 def _len(loader):
@@ -279,35 +230,24 @@ def _len(loader):
         return None
 
 
-def _all_reduce(sums, counts, n_wells, device):
-    # A rank may have seen no batch (more ranks than shards); agree on C first.
-    comm_dev = device if device.type == "cuda" else torch.device("cpu")
-    c = torch.tensor([0 if sums is None else sums.shape[1]], device=comm_dev)
-    torch_dist.all_reduce(c, op=torch_dist.ReduceOp.MAX)
-    n_classes = int(c.item())
-    if sums is None:
-        sums = np.zeros((n_wells, n_classes))
-        counts = np.zeros(n_wells)
-    t_sums = torch.from_numpy(sums).to(comm_dev)
-    t_counts = torch.from_numpy(counts).to(comm_dev)
-    torch_dist.all_reduce(t_sums)
-    torch_dist.all_reduce(t_counts)
-    return t_sums.cpu().numpy(), t_counts.cpu().numpy()
-
-
 # ------------------------------------------------------------------ the command
 
 def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, split="test",
                 data_dir=None, folds=None, channels=None, device=None, backend="auto",
-                overwrite=False, num_workers=None) -> dict:
+                overwrite=False, num_workers=None, amp=None) -> dict:
     import shards as shards_pkg
     from train import load_for_inference
 
     if split not in ("test", "valid"):
         raise InferError(f"--split {split!r}: choose test or valid")
-    tta = int(tta)
+    tta = _positive_int(tta, "--tta")
     if tta not in TTA_CHOICES:
         raise InferError(f"--tta {tta}: choose one of {TTA_CHOICES}")
+    batch_size = _positive_int(batch_size, "--batch-size")
+    if num_workers is not None:
+        num_workers = _positive_int(num_workers, "--num-workers", low=0)
+    if amp is not None and amp not in AMP_MODES:
+        raise InferError(f"--amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
     runs = find_runs(model_root, model_name, folds, channels)
     d, dev = setup(device)
     store_sites = shards_pkg.open_store(str(shards)).sites
@@ -324,33 +264,24 @@ def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, s
             continue
         model, rc = load_for_inference(run.checkpoint, device=str(dev))
         check_run_config(run, rc, model_name)
+        run_amp_setting = run_amp(amp, rc)
         wells = test_wells if split == "test" else valid_selection(rc, store_sites, run.checkpoint)
-        loader_kw = dict(channels=list(rc["channels"]), norm=rc["norm"], sites="two",
-                         image_size=int(rc["image_size"]), batch_size=int(batch_size),
-                         augment=False, shuffle=False, device=str(dev), rank=d.rank,
-                         world_size=d.world_size, backend=backend, label_column="label")
-        if num_workers is not None:
-            loader_kw["num_workers"] = int(num_workers)
-        loader = shards_pkg.make_loader(str(shards), wells[["id_code", "experiment", "label"]],
-                                        **loader_kw)
-        name = f"{channels_dirname(run.channels)}" + \
-            ("" if run.fold is None else f"/fold_{run.fold}") + f"/{model_name}"
+        loader = _loader(shards_pkg, str(shards), wells, rc, batch_size, dev, d, backend,
+                         num_workers)
         logits, counts = predict_wells(model, loader, wells, tta, dev, d,
-                                       desc=f"[{i + 1}/{len(runs)}] {name}")
+                                       desc=f"[{i + 1}/{len(runs)}] "
+                                            f"{run_subdir(run.channels, run.fold, model_name)}",
+                                       amp=run_amp_setting)
         if d.rank == 0:
             _check_counts(counts, wells, run.checkpoint)
-            os.makedirs(out, exist_ok=True)
             ids = wells[["id_code"] + (["sirna"] if "sirna" in wells.columns else [])]
-            write_atomic(os.path.join(out, IDS_FILE.format(split=split)),
-                         lambda p: ids.to_csv(p, index=False))
             meta = dict(checkpoint=os.path.abspath(run.checkpoint), split=split, tta=tta,
                         shape=list(logits.shape), channels=list(rc["channels"]),
                         fold=run.fold, epoch=rc.get("epoch"), stage=rc.get("stage"),
                         label_offset=rc.get("label_offset"), image_size=rc["image_size"],
-                        norm=rc["norm"], sites_per_well=float(counts.mean()))
-            write_atomic(os.path.join(out, f"pred_{split}.json"),
-                         lambda p: open(p, "w").write(json.dumps(meta, indent=1)))
-            write_atomic(pred_path, lambda p: np.save(p, logits))
+                        norm=rc["norm"], amp=run_amp_setting,
+                        sites_per_well=float(counts.mean()))
+            write_predictions(out, split, logits, ids, meta)
             print(f"[{i + 1}/{len(runs)}] {pred_path}: {logits.shape[0]} wells x "
                   f"{logits.shape[1]} classes")
         written.append(pred_path)
@@ -360,6 +291,25 @@ def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, s
     if d.rank != 0:
         return None  # rank 0 reports (fire would print every rank's summary)
     return dict(out_dir=str(out_dir), split=split, runs=len(runs), files=written)
+
+
+def _loader(shards_pkg, store_dir: str, wells: pd.DataFrame, rc: dict, batch_size: int,
+            dev: torch.device, d: Dist, backend: str, num_workers):
+    """The one call of the loader: both sites, no augmentation, storage order."""
+    loader_kw = dict(channels=list(rc["channels"]), norm=rc["norm"], sites="two",
+                     image_size=int(rc["image_size"]), batch_size=batch_size,
+                     augment=False, shuffle=False, device=str(dev), rank=d.rank,
+                     world_size=d.world_size, backend=backend, label_column="label")
+    if num_workers is not None:
+        loader_kw["num_workers"] = int(num_workers)
+    return shards_pkg.make_loader(store_dir, wells[["id_code", "experiment", "label"]],
+                                  **loader_kw)
+
+
+def _positive_int(value, option: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InferError(f"{option} {value!r}: need an integer >= {low}")
+    return int(value)
 
 
 def _check_counts(counts: np.ndarray, wells: pd.DataFrame, ck: str) -> None:

@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 
 from infer import InferError
-from infer.ensemble import build, load_train_groups, write_atomic
+from infer.ensemble import build, load_train_groups
 from infer.score import read_folds
+from shards.atomic import write_atomic
 
 PSEUDO_COLUMNS = ("id_code", "experiment", "plate", "well", "sirna", "experiment_type", "dataset")
 
@@ -70,19 +71,29 @@ def select_pseudo(result, min_confidence: float, groups=None) -> pd.DataFrame:
     })
 
 
+def same_directory(a, b) -> bool:
+    """Whether two paths name one directory, through symlinks too (samefile needs both to
+    exist; realpath covers an out dir not yet made)."""
+    a, b = str(a), str(b)
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5,
                   model_names=None, extra_logits=None, temperature=1.0, min_margin=0.05,
-                  confidence="group") -> dict:
+                  confidence="group", allow_missing=False) -> dict:
     if not 0.0 <= float(min_confidence) <= 1.0:
         raise InferError(f"--min-confidence {min_confidence}: must be a probability in [0, 1]")
     if confidence not in CONFIDENCE_MODES:
         raise InferError(f"--confidence {confidence!r}: choose one of {', '.join(CONFIDENCE_MODES)}")
-    if os.path.abspath(str(out_dir)) == os.path.abspath(str(folds_dir)):
-        raise InferError(f"--out-dir {out_dir} is the folds directory; writing there would "
-                         "overwrite the fold CSVs (use e.g. csv/pseudo)")
+    if same_directory(out_dir, folds_dir):
+        raise InferError(f"--out-dir {out_dir} is the folds directory {folds_dir} (compared "
+                         "through links); writing there would overwrite the fold CSVs "
+                         "(use e.g. csv/pseudo)")
     folds = read_folds(folds_dir)
     result, _ = build(data_dir, predict_root, model_names, extra_logits or (), True,
-                      temperature, min_margin)
+                      temperature, min_margin, allow_missing=allow_missing)
     groups = load_train_groups(data_dir) if confidence == "group" else None
     pseudo = select_pseudo(result, min_confidence, groups)
     n_test = len(result.wells)

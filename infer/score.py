@@ -18,10 +18,13 @@ import numpy as np
 import pandas as pd
 
 from infer import InferError
-from infer.ensemble import (apply_constraint, average_logits, find_predictions, load_logits,
-                            wells_from_ids)
+from common.arglists import parse_names
+from infer.ensemble import apply_constraint, average_logits
 from infer.groups import derive_groups
+from infer.predictions import find_predictions, load_logits
+from infer.wells import int_column, wells_from_ids
 from shards.layout import CELL_TYPES, CONTROL_BASE
+from shards.metadata import read_csv_checked
 
 
 def accuracy_table(cell_types: np.ndarray, truth: np.ndarray, preds: dict) -> pd.DataFrame:
@@ -45,19 +48,19 @@ def format_table(df: pd.DataFrame) -> str:
 
 
 def _read_labels(path: str, what: str) -> pd.DataFrame:
-    if not os.path.isfile(path):
-        raise InferError(f"{path}: {what} not found")
-    df = pd.read_csv(path, dtype={"id_code": str})
-    missing = [c for c in ("id_code", "sirna") if c not in df.columns]
-    if missing:
-        raise InferError(f"{path}: missing column(s) {', '.join(missing)}; a {what} has "
-                         "columns id_code,sirna")
-    dup = df["id_code"][df["id_code"].duplicated()]
-    if len(dup):
-        raise InferError(f"{path}: id_code {dup.iloc[0]} appears more than once")
-    if not pd.api.types.is_integer_dtype(df["sirna"]):
-        raise InferError(f"{path}: column sirna must hold integers")
-    return df
+    """id_code,sirna of a submission or truth file: treatment siRNAs 0..1107, one row per well."""
+    df = read_csv_checked(path, ("id_code", "sirna"))
+    if df.empty:
+        raise InferError(f"{path}: the {what} has a header but no rows; expected one row "
+                         "id_code,sirna per test well")
+    dup = df["id_code"].duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        raise InferError(f"{path}, row {i + 1}: id_code {df['id_code'].iloc[i]} appears more "
+                         "than once")
+    # Test wells are treatment wells: a control class or an unknown number is no answer.
+    return pd.DataFrame({"id_code": df["id_code"].to_numpy(),
+                         "sirna": int_column(df, path, "sirna", 0, CONTROL_BASE - 1)})
 
 
 def score_submission(submission, truth) -> dict:
@@ -112,11 +115,9 @@ def read_folds(folds_dir) -> dict[int, tuple[pd.DataFrame, pd.DataFrame]]:
             raise InferError(f"{path}: no matching {train_path}")
         frames = []
         for p in (train_path, path):
-            df = pd.read_csv(p, dtype={"id_code": str, "experiment": str, "well": str})
-            missing = [c for c in ("id_code", "experiment", "plate", "well", "sirna")
-                       if c not in df.columns]
-            if missing:
-                raise InferError(f"{p}: missing column(s) {', '.join(missing)}")
+            df = read_csv_checked(p, ("id_code", "experiment", "plate", "well", "sirna"))
+            df["plate"] = int_column(df, p, "plate", 1)
+            df["sirna"] = int_column(df, p, "sirna", 0)
             frames.append(df)
         out[k] = tuple(frames)
     if not out:
@@ -135,7 +136,8 @@ def score_valid(predict_root, folds_dir, model_names=None, temperature=1.0,
     folds = read_folds(folds_dir)
     all_rows = pd.concat([_labelled_train_rows(pd.concat(f)) for f in folds.values()])
     groups = derive_groups(all_rows.drop_duplicates("id_code"), source=f"{folds_dir}/*.csv")
-    files = find_predictions(predict_root, "valid", model_names)
+    # Scoring a subset is not a loss (nothing is written): the missing runs are listed.
+    files = find_predictions(predict_root, "valid", parse_names(model_names), allow_missing=True)
 
     results, oof = [], []
     for k in sorted({f.fold for f in files}, key=lambda v: -1 if v is None else v):

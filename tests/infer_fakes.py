@@ -1,4 +1,4 @@
-"""Small planted tables for the inference tests (helpers only; no tests here).
+"""Small planted tables for the inference tests (a helper module, not a test file).
 
 A fake RxRx1 layout: G groups of K treatment siRNAs, every experiment's four
 plates hold the groups in a random order, one control per plate, and planted

@@ -11,7 +11,7 @@ from infer import InferError
 from infer.__main__ import main
 from infer.assign import log_softmax
 from infer.pseudo import PSEUDO_COLUMNS
-from test_infer_fakes import make_dataset, planted_logits, write_pred
+from infer_fakes import make_dataset, planted_logits, write_pred
 
 
 def cli(*args):

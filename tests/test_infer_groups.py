@@ -7,9 +7,10 @@ import pytest
 
 from infer import InferError
 from infer.assign import assign_plate, assign_plates, log_softmax
-from infer.ensemble import load_test_wells, load_train_groups
+from infer.ensemble import load_train_groups
+from infer.wells import load_test_wells
 from infer.groups import derive_groups, format_plate_table, infer_plate_groups
-from test_infer_fakes import make_dataset, planted_logits
+from infer_fakes import make_dataset, planted_logits
 
 
 def _softmax(z):

@@ -29,49 +29,88 @@ def test_tta_views_are_the_dihedral_group():
 
 
 class _FakeLoader:
-    """Batches (images, labels, rows) over a sites table; the last batch padded with a repeat."""
+    """What shards.make_loader gives predict-all (shuffle off, drop_last off): every site of
+    the selection exactly once, in the loader's own order, the last batch short; `rows`
+    index the store's sites table (whose `row` column is its position)."""
 
-    def __init__(self, sites, batch, n_classes):
+    def __init__(self, sites, order, batch):
         self.sites = sites
-        rows = sites["row"].to_numpy()
-        rows = np.concatenate([rows, rows[-1:]])        # padding repeats the last sample
-        self.batches = [rows[i:i + batch] for i in range(0, len(rows), batch)]
-        self.n_classes = n_classes
+        self.batches = [np.asarray(order[i:i + batch]) for i in range(0, len(order), batch)]
 
     def __len__(self):
         return len(self.batches)
 
     def __iter__(self):
         for rows in self.batches:
-            # images encode their row: the model below reads it back as its logits
+            # images encode their row (+1, so row 0 is visible): the model reads it back
             img = torch.zeros(len(rows), 1, 2, 2)
-            img[:, 0, 0, 0] = torch.as_tensor(rows, dtype=torch.float32)
+            img[:, 0, 0, 0] = torch.as_tensor(rows + 1, dtype=torch.float32)
             yield img, torch.zeros(len(rows), dtype=torch.int64), torch.as_tensor(rows)
 
 
 class _RowModel(torch.nn.Module):
-    """Logit c of a site = row * (c + 1) + (1 if the view is flipped), so averages are checkable."""
+    """Logit c of a site = row * (c + 1) + (1 if the view is flipped), so averages are checkable;
+    records whether it ran under autocast, and in which dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.autocast = []
 
     def forward(self, x):
-        row = x[:, 0].amax(dim=(-2, -1))
+        self.autocast.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu")
+                             else None)
+        row = x[:, 0].amax(dim=(-2, -1)) - 1
         flipped = (x[:, 0, 0, 1] > 0).float()
         c = torch.arange(3, dtype=torch.float32)
         return row[:, None] * (c[None] + 1) + flipped[:, None]
 
 
+def _store_sites():
+    """Seven sites as a store lists them; the last well is not in the selection."""
+    ids = ["A-01_1_B02", "A-01_1_B03", "A-01_2_B02", "A-01_3_B02"]
+    return pd.DataFrame({"row": np.arange(7), "id_code": np.repeat(ids, 2)[:7],
+                         "site": [1, 2] * 3 + [1]})
+
+
 def test_predict_wells_averages_sites_and_views_in_selection_order():
-    ids = ["A-01_1_B02", "A-01_1_B03", "A-01_2_B02"]
-    sites = pd.DataFrame({"row": np.arange(10, 16), "id_code": np.repeat(ids, 2),
-                          "site": [1, 2] * 3})
-    sites = sites.sample(frac=1, random_state=0)        # the loader's own order
-    wells = pd.DataFrame({"id_code": ids[::-1]})        # the wanted row order
-    loader = _FakeLoader(sites, batch=4, n_classes=3)
+    sites = _store_sites()
+    order = np.random.default_rng(0).permutation(6)     # the loader's own order, rows 0..5
+    wells = pd.DataFrame({"id_code": ["A-01_2_B02", "A-01_1_B03", "A-01_1_B02"]})  # wanted order
+    loader = _FakeLoader(sites, order, batch=4)          # batches of 4 and 2
     logits, counts = predict_wells(_RowModel(), loader, wells, 2, torch.device("cpu"), Dist())
-    assert counts.tolist() == [2, 2, 2]                 # the padded repeat is not counted
-    row_mean = {"A-01_1_B02": 10.5, "A-01_1_B03": 12.5, "A-01_2_B02": 14.5}
+    assert counts.tolist() == [2, 2, 2]
+    row_mean = {"A-01_1_B02": 0.5, "A-01_1_B03": 2.5, "A-01_2_B02": 4.5}
     for i, c in enumerate(wells["id_code"]):
         # views: identity (+0) and h-flip (+1 where the flip moved the marker pixel) -> +0.5
         np.testing.assert_allclose(logits[i], row_mean[c] * np.arange(1, 4) + 0.5)
+
+
+def test_predict_wells_rejects_sites_outside_the_selection():
+    sites = _store_sites()
+    wells = pd.DataFrame({"id_code": ["A-01_1_B02"]})
+    with pytest.raises(RuntimeError, match="outside the selected wells"):
+        predict_wells(_RowModel(), _FakeLoader(sites, [0, 1, 6], 4), wells, 1,
+                      torch.device("cpu"), Dist())
+
+
+def test_prediction_precision_follows_the_run_or_the_option():
+    from common.precision import amp_dtype
+    from infer.predict import run_amp
+
+    cpu = torch.device("cpu")
+    sites = _store_sites()
+    wells = pd.DataFrame({"id_code": ["A-01_1_B02"]})
+    # the run's own setting when --amp is not given; the option wins when it is
+    assert run_amp(None, {"config": {"args": {"amp": "bf16"}}}) == "bf16"
+    assert run_amp(None, {"config": {}}) == "auto"
+    assert run_amp("none", {"config": {"args": {"amp": "bf16"}}}) == "none"
+    with pytest.raises(InferError, match="--amp 'fp8'"):
+        run_amp("fp8", {})
+    for setting in ("bf16", "none", "auto"):
+        model = _RowModel()
+        predict_wells(model, _FakeLoader(sites, [0, 1], 4), wells, 1, cpu, Dist(), amp=setting)
+        assert model.autocast == [amp_dtype(setting, cpu)], setting
+    assert amp_dtype("bf16", cpu) == torch.bfloat16 and amp_dtype("none", cpu) is None
 
 
 def _fake_run(root, chan, fold, model="m", best=True):
