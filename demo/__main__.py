@@ -11,7 +11,6 @@ Writes OUT/results.json, OUT/results.md and OUT/curves.png.
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import shlex
@@ -21,8 +20,9 @@ import time
 
 import fire
 
-from common.run_layout import channels_dirname
-from shards import layout
+from common.arglists import parse_folds, parse_subsets
+from common.errors import run_cli
+from common.run_layout import METRICS, channels_dirname, find_run_dirs
 
 PY = sys.executable
 
@@ -38,29 +38,16 @@ def _run(cmd: list[str], log) -> None:
                          f"see the log: {log.name}")
 
 
-def _subsets(channels) -> list[tuple[int, ...]]:
-    if channels == "all":
-        return list(layout.FIVE_CHANNEL_SUBSETS)
-    if isinstance(channels, (list, tuple)) and all(isinstance(c, int) for c in channels):
-        return [layout.parse_channels(channels)]  # fire parsed a single "[1,2,3,4,5]"
-    parts = channels if isinstance(channels, (list, tuple)) else str(channels).split(";")
-    return [layout.parse_channels(p) for p in parts]
-
-
-def _folds(folds, n_folds) -> list[int]:
-    if folds == "all":
-        return list(range(n_folds))
-    if isinstance(folds, int):
-        return [folds]
-    return [int(f) for f in (folds if isinstance(folds, (list, tuple)) else str(folds).split(","))]
-
-
 def _runs(logdir: str, part: str, model: str):
     """(run label such as `[1,2,3,4,5]/fold_0`, its metrics.jsonl rows) for every run of a part."""
-    for path in sorted(glob.glob(os.path.join(logdir, part, "**", model, "metrics.jsonl"),
-                                 recursive=True)):
-        label = os.path.relpath(os.path.dirname(os.path.dirname(path)), os.path.join(logdir, part))
-        yield label, [json.loads(line) for line in open(path) if line.strip()]
+    root = os.path.join(logdir, part)
+    for run in find_run_dirs(root, model_names=[model]):
+        path = os.path.join(run.path, METRICS)
+        if not os.path.isfile(path):
+            continue
+        label = os.path.relpath(os.path.dirname(run.path), root)
+        with open(path) as f:
+            yield label, [json.loads(line) for line in f if line.strip()]
 
 
 def _best_metrics(logdir: str, part: str, model: str) -> dict:
@@ -99,6 +86,9 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_
     pseudo-labels -> pseudo -> ensemble -> score, and print the results table."""
     from infer.score import score_submission
 
+    # Bad options stop before anything is made or removed.
+    subsets = parse_subsets(channels, "--channels")
+    fold_list = parse_folds(folds, int(n_folds), "--folds")
     out_dir = os.path.abspath(out_dir)
     if fresh and os.path.isdir(out_dir):
         import shutil
@@ -106,7 +96,6 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_
     os.makedirs(out_dir, exist_ok=True)
     data, store, logs, pred = (os.path.join(out_dir, d) for d in ("data", "store", "logs", "pred"))
     csv = os.path.join(store, "csv")
-    subsets, fold_list = _subsets(channels), _folds(folds, n_folds)
     workers = str(workers or os.cpu_count() or 1)
     times: dict[str, float] = {}
     log = open(os.path.join(out_dir, "demo.log"), "a")
@@ -201,4 +190,4 @@ def format_results(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    run_cli(lambda: fire.Fire(main, name="demo"))
