@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from shards.loader_spec import LoaderError, LoaderSpec
 from shards.selection import (epoch_order, epoch_rows, locate_rows, rank_batches,
-                              resolve_selection, well_sites)
+                              resolve_selection, shard_damage, well_sites)
 from shards.store import StoreError, open_store
 
 
@@ -170,6 +170,14 @@ class Loader:
         try:
             for images, batch_rows in batches:
                 yield deliver(images, batch_rows, self.delivery, gen)
+        except (OSError, RuntimeError):
+            # A shard cut or removed after the store was opened fails inside DALI (a
+            # RuntimeError) or a DataLoader worker (an OSError), naming neither the
+            # shard nor the sample in words a user can act on: find them.
+            damage = shard_damage(rows, self.where, self.shard_paths)
+            if damage is None:
+                raise
+            raise StoreError(damage) from None
         finally:
             batches.close()
             if self.backend == "dali":  # this epoch's filtered indexes are spent

@@ -240,3 +240,29 @@ def locate_rows(sites: pd.DataFrame, shard_paths: list[str], index_paths: list[s
             lines.append(format_entry([members[ext] for ext in READ_MEMBERS]))
         out["lines"].append(lines)
     return out
+
+
+def shard_damage(rows: np.ndarray, where: dict, shard_paths: list[str]) -> str | None:
+    """Why reading `rows` from their shards fails, if the shards changed since `locate_rows`:
+    the first row (in `rows`' order) whose shard is gone or now ends before one of its
+    members does, as one line naming the shard and the sample; None if every sample is
+    still within its file (the failure is something else).  Called only after a read
+    failed, so it may stat every shard."""
+    sizes = {}
+    for row in rows:
+        s = int(where["shard"][row])
+        path = shard_paths[s]
+        if s not in sizes:
+            sizes[s] = os.path.getsize(path) if os.path.isfile(path) else None
+        line = where["lines"][s][where["position"][row]]
+        f = line.split()
+        key = f[3].rsplit(".", 1)[0]
+        end = max(int(f[i + 1]) + int(f[i + 2]) for i in range(0, len(f), 4))
+        if sizes[s] is None:
+            return (f"{path}: shard missing since the store was opened (sample {key}, row "
+                    f"{row}); re-run prep shards")
+        if end > sizes[s]:
+            return (f"{path}: sample {key} (row {row}) ends at byte {end} but the shard now has "
+                    f"{sizes[s]} bytes: truncated since the store was opened; re-run prep "
+                    "shards")
+    return None
