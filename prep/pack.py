@@ -1,13 +1,16 @@
 """`python -m prep shards`: pack every site's six PNGs into OUT/store.zarr and OUT/shards/*.tar.
 
 One task per tar shard. A worker decodes its sites' PNGs (checking them),
-computes their statistics, writes their zarr chunks and the tar (to
-`<name>.tmp-<pid>`, then renamed), and last a record of what it wrote in
-OUT/.prep/. A shard whose tar and record are both final is finished: a killed
-run started again skips it. Once every shard is finished the parent pools the
-plate and experiment norms, writes the stats arrays, sites.csv and, last, the
-manifest. Workers hold one site at a time, so memory does not grow with the
-dataset.
+computes their statistics, writes their zarr chunks and the tar (each through
+shards.atomic: a temporary `<stem>.tmp-<pid><ext>`, then renamed; the tar
+fsynced), and last a record of what it wrote in OUT/.prep/. A shard whose tar
+and record are both final is finished: a killed run started again skips it,
+and removes the temporaries of dead processes (shards.atomic.remove_stale_temps).
+One run at a time holds OUT/.prep/lock (prep.lock); a second is refused.
+Once every shard is finished the parent pools the plate and experiment norms,
+writes the stats arrays, sites.csv and, last, the manifest (fsynced). Workers hold one site at a time, so memory does not grow with the
+dataset. A re-run on a finished store checks it (shards.store.check_structure
+and every shard's sha256) and repacks only what is missing or damaged.
 
 Files written: see docs/format.md. OUT/.prep/ is prep's own bookkeeping
 (one record per shard, with the site statistics) and not part of the format.
@@ -58,7 +61,7 @@ def pack(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0, zstd_level=
     shards, about as long as copying them) and repacks what is missing or damaged."""
     t0 = time.time()
     data_dir, out_dir = os.path.abspath(str(data_dir)), os.path.abspath(str(out_dir))
-    workers = _check_options(data_dir, out_dir, workers, shard_size_mb)
+    workers = _check_options(data_dir, out_dir, workers, shard_size_mb, seed)
     files = source_files(data_dir)
     fp = fingerprint(files)
     params = {"shard_size_mb": shard_size_mb, "seed": seed, "zstd_level": zstd_level}
@@ -91,7 +94,7 @@ def pack(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0, zstd_level=
     return _summary(out_dir, manifest, packed=packed, seconds=time.time() - t0)
 
 
-def _check_options(data_dir, out_dir, workers, shard_size_mb):
+def _check_options(data_dir, out_dir, workers, shard_size_mb, seed):
     """Refuse bad arguments before anything is read or written; returns the workers."""
     if not os.path.isdir(data_dir):
         raise BadInput(f"{data_dir}: data directory not found (--data-dir); it must hold "
@@ -102,6 +105,8 @@ def _check_options(data_dir, out_dir, workers, shard_size_mb):
             or not shard_size_mb > 0:
         raise BadInput(f"--shard-size-mb {shard_size_mb!r}: must be a positive number of MiB "
                        "(default 768)")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise BadInput(f"--seed {seed!r}: must be a non-negative integer")
     if workers is None:
         return None
     if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:
