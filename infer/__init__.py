@@ -2,6 +2,8 @@
 
 `python -m infer COMMAND --help`.  Modules, one job each:
 
+- `predictions` the prediction files (pred_<split>.npy, ids, meta): written, found, read
+- `wells`    the test wells in test.csv order; wells parsed from id_codes
 - `groups`   siRNA plate groups derived from train.csv; each test plate's group
 - `assign`   one-to-one (Hungarian) assignment of a plate's wells to its group
 - `ensemble` average logit files, apply the plate constraint, write submission.csv

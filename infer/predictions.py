@@ -24,7 +24,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from common.run_layout import RunPath, checkpoint_path, find_run_dirs, run_subdir
+from common.run_layout import RunPath, checkpoint_path, find_run_dirs, fold_dirname, run_subdir
 from infer import InferError
 from shards.atomic import write_atomic
 from shards.metadata import read_csv_checked
@@ -57,17 +57,18 @@ class PredFile:
     channels: str   # folder name, e.g. "[1,2,3,4,5]"
     fold: int | None
     model: str
-    path: str
+    path: str       # .../pred_<split>.npy
+    split: str = "test"
 
     @property
     def ids_path(self) -> str:
-        split = os.path.basename(self.path)[len("pred_"):-len(".npy")]
-        return os.path.join(os.path.dirname(self.path), IDS_FILE.format(split=split))
+        return os.path.join(os.path.dirname(self.path), IDS_FILE.format(split=self.split))
 
     @property
     def name(self) -> str:
-        fold = "" if self.fold is None else f"/fold_{self.fold}"
-        return f"{self.channels}{fold}/{self.model}"
+        """`[1,2,3,4,5]/fold_0/<model>` as the folders spell it."""
+        fold = [] if self.fold is None else [fold_dirname(self.fold)]
+        return "/".join([self.channels, *fold, self.model])
 
 
 def _channels_folder(run: RunPath) -> str:
@@ -78,7 +79,7 @@ def _channels_folder(run: RunPath) -> str:
 
 def _pred_file(run: RunPath, split: str) -> PredFile:
     return PredFile(_channels_folder(run), run.fold, run.model,
-                    os.path.join(run.path, PRED_FILE.format(split=split)))
+                    os.path.join(run.path, PRED_FILE.format(split=split)), split)
 
 
 def find_predictions(predict_root, split: str = "test", model_names: Iterable[str] | None = None,
@@ -138,7 +139,7 @@ def _missing_from_model_root(model_root: str, predict_root: str, split: str,
         path = os.path.join(pred_dir(predict_root, run.channels, run.fold, run.model),
                             PRED_FILE.format(split=split))
         if not os.path.isfile(path):
-            out.append(PredFile(_channels_folder(run), run.fold, run.model, path))
+            out.append(PredFile(_channels_folder(run), run.fold, run.model, path, split))
     return out
 
 

@@ -19,6 +19,7 @@ import pandas as pd
 
 from infer import InferError
 from common.arglists import parse_names
+from common.run_layout import fold_dirname
 from infer.ensemble import apply_constraint, average_logits
 from infer.groups import derive_groups
 from infer.predictions import find_predictions, load_logits
@@ -154,7 +155,7 @@ def score_valid(predict_root, folds_dir, model_names=None, temperature=1.0,
                 if len(fold_files) < 2:
                     continue
                 logits, _ = average_logits(fold_files, ids)
-                name = f"fold_{k} ensemble ({len(fold_files)} files)"
+                name = f"{fold_dirname(k)} ensemble ({len(fold_files)} files)"
             else:
                 logits = load_logits(f.path, ids, f.ids_path)
                 name = f.name

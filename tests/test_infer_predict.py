@@ -169,12 +169,13 @@ def tiny_run(tiny_data, tiny_store, tmp_path_factory):
     order, sites of other wells or a TTA bug would all break that).
     """
     import train
+    from shards.layout import cell_type_of
 
     tmp = tmp_path_factory.mktemp("infer_run")
     test = pd.read_csv(os.path.join(tiny_data, "test.csv"))
     truth = pd.read_csv(os.path.join(tiny_data, "test_truth.csv"))
     oracle = test.merge(truth, on="id_code").assign(
-        experiment_type=lambda d: d["experiment"].str.split("-").str[0], dataset="test")
+        experiment_type=lambda d: d["experiment"].map(cell_type_of), dataset="test")
     oracle.to_csv(tmp / "oracle_train.csv", index=False)
     oracle.head(12).to_csv(tmp / "oracle_valid.csv", index=False)
     common = dict(overrides=os.path.join(REPO, "configs", "tiny.yml"), channels=[1, 2, 3, 4, 5],
@@ -273,3 +274,19 @@ def test_group_inference_from_trained_logits_is_right_for_every_tiny_plate(tiny_
     acc_argmax = np.mean(result.argmax == wells["sirna"].to_numpy())
     assert acc_assigned >= acc_argmax
     assert "plate" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"", b"not a torch file at all", b"PK\x03\x04truncated"])
+def test_corrupt_or_empty_checkpoint_is_one_line_and_exit_2(tiny_store, tmp_path, capsys, content):
+    from infer.__main__ import main
+
+    ck = tmp_path / "logs" / "[1,2,3,4,5]" / "fold_0" / MODEL / "checkpoints" / "best.pth"
+    os.makedirs(ck.parent)
+    ck.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        main(["predict-all", "--shards", tiny_store, "--model-root", str(tmp_path / "logs"),
+              "--model-name", MODEL, "--out-dir", str(tmp_path / "pred"), "--backend", "torch"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(ck) in err[0], err
+    assert not (tmp_path / "pred").exists()
