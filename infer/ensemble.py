@@ -24,18 +24,12 @@ import pandas as pd
 from common.arglists import parse_names
 from infer import InferError
 from infer.assign import assign_plates, log_softmax
-from infer.groups import Groups, derive_groups, format_plate_table, infer_plate_groups
+from infer.groups import Groups, format_plate_table, infer_plate_groups, load_train_groups
 from infer.predictions import PredFile, find_predictions, load_logits
 from infer.wells import load_test_wells
 from shards.atomic import write_atomic
 from shards.layout import CONTROL_BASE
-from shards.metadata import load_wells, read_csv_checked
-
-
-def load_train_groups(data_dir) -> Groups:
-    wells = load_wells(data_dir)
-    train = wells[(wells["split"] == "train") & (wells["well_type"] == "treatment")]
-    return derive_groups(train, source=os.path.join(str(data_dir), "train.csv"))
+from shards.metadata import read_csv_checked
 
 
 # ------------------------------------------------------------------ averaging

@@ -5,11 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from infer import InferError
 from infer.assign import assign_plate, assign_plates, log_softmax
 from infer.ensemble import load_train_groups
 from infer.wells import load_test_wells
 from infer.groups import derive_groups, format_plate_table, infer_plate_groups
+from shards.plate_groups import GroupError
 from infer_fakes import make_dataset, planted_logits
 
 
@@ -128,7 +128,7 @@ def test_plate_with_more_wells_than_any_group_errors(data):
     groups = load_train_groups(data["dir"])
     wells = pd.DataFrame({"experiment": ["HEPG2-02"] * 13, "plate": [1] * 13})
     probs = np.full((13, 1108), 1 / 1108, np.float32)
-    with pytest.raises(InferError, match=r"plate HEPG2-02_1: 13 wells .* largest siRNA group"):
+    with pytest.raises(GroupError, match=r"plate HEPG2-02_1: 13 wells .* largest siRNA group"):
         infer_plate_groups(probs, wells, groups)
 
 
@@ -137,7 +137,7 @@ def test_plate_without_train_counterpart_errors():
                           "sirna": [0, 1, 2, 3, 4, 5]})
     groups = derive_groups(train)
     wells = pd.DataFrame({"experiment": ["A-02", "A-02"], "plate": [4, 4]})
-    with pytest.raises(InferError, match=r"plate A-02_4: plate number 4 has no train counterpart"):
+    with pytest.raises(GroupError, match=r"plate A-02_4: plate number 4 has no train counterpart"):
         infer_plate_groups(np.full((2, 1108), 1 / 1108), wells, groups)
 
 
@@ -146,11 +146,11 @@ def test_predictions_outside_every_group_error(data):
     test = data["test"]
     logits = np.zeros((len(test), 1139), np.float32)
     logits[:, 1108:] = 50.0   # everything on the controls
-    with pytest.raises(InferError, match=r"plate .*: the predictions put almost no probability"):
+    with pytest.raises(GroupError, match=r"plate .*: the predictions put almost no probability"):
         infer_plate_groups(_softmax(logits), test, groups)
 
 
 def test_too_few_class_columns_error(data):
     groups = load_train_groups(data["dir"])
-    with pytest.raises(InferError, match="too few class columns"):
+    with pytest.raises(GroupError, match="too few class columns"):
         infer_plate_groups(np.ones((len(data["test"]), 10)), data["test"], groups)
