@@ -4,8 +4,10 @@ reference-style loader and against reading the shard bytes.
 Store: the `full` synthetic preset, 1 experiment (2384 sites at 512 px),
 packed once into bench/out/loader_store1 (reused after).  Every loader reads
 the train wells in `random` site mode, five channels [1,2,3,5,6], training
-augmentation (dihedral + channel dropout 0.1), batch 32, `workers` threads /
-processes (default: all cores), delivered as float32 on the CPU:
+augmentation (the reference's: dihedral, channel dropout p=0.5, and in the
+loader cases shear ±10° at p=0.5, which the reference-style case leaves out),
+batch 32, `workers` threads / processes (default: all cores), delivered as
+float32 on the CPU:
   * dali-cpu: `make_loader(backend="dali")`, a DALI CPU pipeline;
   * torch: `make_loader(backend="torch")`;
   * reference-style: the reference solution's way, from the source PNG tree:
@@ -44,7 +46,8 @@ from shards.atomic import write_bytes
 RESULTS = os.path.join(HERE, "results_loader.json")
 CHANNELS = (1, 2, 3, 5, 6)
 BATCH = 32
-DROPOUT = 0.1
+DROPOUT = 0.5  # the reference's ChannelDropout p
+SHEAR_DEG, SHEAR_P = 10.0, 0.5  # the reference's IAAAffine(shear=10), p=0.5 (loader cases only)
 CASES = ("raw-read", "dali-cpu", "torch", "reference-style", "dali-pipeline-uint8",
          "delivery-float32", "dali-gpu")
 
@@ -112,7 +115,8 @@ def reference_loader(workers):
 def make(case, workers):
     from shards import LoaderSpec, make_loader
     spec = LoaderSpec(channels=CHANNELS, sites="random", batch_size=BATCH, augment=True,
-                      channel_dropout=DROPOUT, num_workers=workers, seed=0, backend="dali")
+                      channel_dropout=DROPOUT, shear_deg=SHEAR_DEG, shear_p=SHEAR_P,
+                      num_workers=workers, seed=0, backend="dali")
     if case == "dali-cpu":
         return make_loader(STORE, "train", spec)
     if case == "dali-gpu":
@@ -167,8 +171,8 @@ class DaliPipelineOnly:
         L = self.loader
         rows, pieces = L.plan(0)
         tars, idx = write_filtered_index(L.run_dir, "bench", rows, L.where, L.shard_paths)
-        for images, _ in dali_batches(tars, idx, pieces, L.image_shape, True, L.device,
-                                      L.num_workers, 0):
+        for images, _ in dali_batches(tars, idx, pieces, L.image_shape,
+                                      L.augment_plan(0, len(rows)), L.device, L.num_workers, 0):
             yield len(images)
 
 
@@ -197,7 +201,8 @@ class DaliBatch:
         L = self.loader
         rows, pieces = L.plan(0)
         tars, idx = write_filtered_index(L.run_dir, "one", rows[:BATCH], L.where, L.shard_paths)
-        for images, r in dali_batches(tars, idx, [[BATCH]], L.image_shape, True, L.device, 1, 0):
+        for images, r in dali_batches(tars, idx, [[BATCH]], L.image_shape,
+                                      L.augment_plan(0, BATCH), L.device, 1, 0):
             yield images.clone(), r.clone()
 
 

@@ -114,8 +114,8 @@ def loader_batches(size, batch, device, workers, backend, epochs):
     from shards import LoaderSpec, make_loader
     loader = make_loader(STORE, "train", LoaderSpec(
         channels=CHANNELS, norm="site", sites="random", image_size=size, batch_size=batch,
-        augment=True, channel_dropout=0.1, seed=0, backend=backend, device=str(device),
-        num_workers=workers, label_column=None))
+        augment=True, channel_dropout=0.5, shear_deg=10.0, shear_p=0.5, seed=0,
+        backend=backend, device=str(device), num_workers=workers, label_column=None))
 
     def gen():
         for e in range(epochs):

@@ -1,4 +1,4 @@
-"""The DALI backend: tar shards -> uint8 CHW sites, dihedral-augmented, on CPU or GPU.
+"""The DALI backend: tar shards -> uint8 CHW sites, augmented as planned, on CPU or GPU.
 
 Subset without copying pixels: each epoch writes, per shard it touches, a
 filtered copy of the shard's DALI index listing only this rank's samples of
@@ -9,12 +9,15 @@ epoch's index files and run for exactly the epoch's batches, the last one
 trimmed of the repeats `pad_last_batch` adds.
 
 Where each step runs, and why:
-- read, reshape, h/v flips and the HWC -> CHW transpose (with H and W swapped
-  for the transposing half of the dihedral group): in the pipeline; on the
-  GPU when a `cuda` device is asked for (everything after the reader), else
-  on the CPU (`device_id=None`).  Output: uint8 (6, H, W).
-- channel subset, uint8 -> float32, resize, `(x - mean) / std` with the
-  row's statistics, channel dropout: in torch on the delivery device
+- read, reshape, shear (`fn.warp_affine`), h/v flips and the HWC -> CHW
+  transpose (with H and W swapped for the transposing half of the dihedral
+  group): in the pipeline; on the GPU when a `cuda` device is asked for
+  (everything after the reader), else on the CPU (`device_id=None`).  Output:
+  uint8 (6, H, W).  The per-sample choices come from the epoch's plan
+  (`shards.augment.draw_plan`) through an external source, not from DALI's
+  random operators, so the torch backend can apply the very same ones.
+- channel subset, uint8 -> float32, channel dropout, resize, `(x - mean) /
+  std` with the row's statistics: in torch on the delivery device
   (`shards.loader.deliver`), the same code for both backends.  DALI cannot
   index the store's per-row (n_sites, 6, 2) table by a reader output without
   a python operator; torch gathers it by the `row` output in one indexing op.
@@ -37,6 +40,7 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
+from shards.augment import shear_matrix
 from shards.dali_index import READ_MEMBERS, join_index
 
 READER = "reader"
@@ -65,8 +69,11 @@ def write_filtered_index(run_dir: str, tag: str, rows: np.ndarray, where: dict,
 
 
 @pipeline_def(enable_conditionals=True)
-def site_pipeline(tars, indexes, image_shape, augment, on_gpu):
-    """One uint8 (6, H, W) image and its sites-table row per sample."""
+def site_pipeline(tars, indexes, image_shape, on_gpu, plan_source, shear):
+    """One uint8 (6, H, W) image and its sites-table row per sample.
+
+    `plan_source`: None (no augmentation), or the per-batch source of the epoch's
+    augmentation plan (`_PlanSource`); `shear`: whether the plan shears at all."""
     # dont_use_mmap: a pipeline lives one epoch, and re-mapping 0.75 GB shards each
     # epoch page-faults every 4 KiB; plain reads were faster here and halve the RSS.
     pixels, rows = fn.readers.webdataset(
@@ -76,26 +83,63 @@ def site_pipeline(tars, indexes, image_shape, augment, on_gpu):
     image = fn.reshape(pixels, shape=list(image_shape), layout="HWC")
     if on_gpu:
         image = image.gpu()
-    if augment:
-        image = fn.flip(image, horizontal=fn.random.coin_flip(), vertical=fn.random.coin_flip())
-        if fn.random.coin_flip():  # the other half of the dihedral group: swap H and W
-            image = fn.transpose(image, perm=[2, 1, 0], output_layout="CHW")
-        else:
-            image = fn.transpose(image, perm=[2, 0, 1], output_layout="CHW")
+    if plan_source is None:
+        return fn.transpose(image, perm=[2, 0, 1], output_layout="CHW"), rows
+    # The plan's draws, not DALI's random operators: the torch backend applies the same.
+    plan = fn.external_source(source=plan_source, num_outputs=5 if shear else 3, batch=True,
+                              batch_info=True)
+    hflip, vflip, transpose = plan[:3]
+    if shear:
+        sheared, matrix = plan[3:]
+        if sheared:  # bilinear; no fill_value: the border pixel is repeated
+            image = fn.warp_affine(image, matrix=matrix, interp_type=types.INTERP_LINEAR)
+    image = fn.flip(image, horizontal=hflip, vertical=vflip)
+    if transpose:  # the other half of the dihedral group: swap H and W
+        image = fn.transpose(image, perm=[2, 1, 0], output_layout="CHW")
     else:
         image = fn.transpose(image, perm=[2, 0, 1], output_layout="CHW")
     return image, rows
 
 
-def dali_batches(tars, indexes, pieces, image_shape, augment, device, num_threads, seed):
+class _PlanSource:
+    """Per reader batch k, the plan of its samples (padded to the batch size like the
+    reader pads its last batch): hflip, vflip (int32), transpose (bool), and with
+    `shear` whether to shear (bool) and the (2, 3) shear matrices.  DALI asks by
+    iteration, possibly ahead of the batches run."""
+
+    def __init__(self, plan, pieces, batch_size, image_shape, shear):
+        self.plan, self.batch_size, self.hw, self.shear = plan, batch_size, image_shape[:2], shear
+        self.starts = np.cumsum([0] + [sum(p) for p in pieces])
+
+    def __call__(self, info):
+        k = info.iteration
+        a, b = (self.starts[k], self.starts[k + 1]) if k + 1 < len(self.starts) else (0, 0)
+        take = np.r_[np.arange(a, b), np.full(self.batch_size - (b - a), max(b - 1, 0))]
+        take = take.astype(np.int64)
+        flips = self.plan["flips"][take]
+        out = (np.ascontiguousarray(flips[:, 0]), np.ascontiguousarray(flips[:, 1]),
+               flips[:, 2].astype(bool))
+        if not self.shear:
+            return out
+        angles = self.plan["shear"][take]
+        matrix = np.stack([shear_matrix(float(t), *self.hw) for t in angles])
+        return (*out, angles != 0, matrix)
+
+
+def dali_batches(tars, indexes, pieces, image_shape, plan, device, num_threads, seed):
     """Yield (uint8 (b, 6, H, W) tensor on `device`, int64 (b,) rows) for one epoch.
 
     `pieces` holds per reader batch the sizes of the batches cut from it
-    (`selection.rank_batches`); padded repeats beyond them are dropped.
+    (`selection.rank_batches`); padded repeats beyond them are dropped.  `plan`:
+    the epoch's augmentation plan (`augment.draw_plan`, one entry per sample in
+    reading order), or None.
     """
     on_gpu = device.type == "cuda"
     batch_size = max(sum(p) for p in pieces)
-    pipe = site_pipeline(tars, indexes, tuple(image_shape), augment, on_gpu,
+    shear = plan is not None and bool((plan["shear"] != 0).any())
+    source = None if plan is None else _PlanSource(plan, pieces, batch_size, image_shape,
+                                                   shear)
+    pipe = site_pipeline(tars, indexes, tuple(image_shape), on_gpu, source, shear,
                          batch_size=batch_size, num_threads=num_threads,
                          device_id=device.index if on_gpu else None, seed=seed,
                          prefetch_queue_depth=2, exec_dynamic=True)  # outputs outlive the next run

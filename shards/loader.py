@@ -17,13 +17,15 @@ One epoch, per rank (both backends):
 2. `selection.epoch_order`: shuffled (or storage) order, grouped by shard.
 3. `selection.rank_batches`: this rank's disjoint part and its batches, the
    same number on every rank.
-4. a backend yields uint8 (b, 6, H, W) with the dihedral augmentation done:
+4. with augment, `augment.draw_plan`: each sample's shear and dihedral
+   transform, drawn from (seed, epoch, rank), applied alike by both backends.
+5. a backend yields uint8 (b, 6, H, W) with the plan applied:
    `dali_pipeline.dali_batches` (filtered DALI indexes, GPU or CPU pipeline)
    or `torch_loader.torch_batches` (pread from the same shards, DataLoader).
-5. `deliver`, on the delivery device: channel subset while converting to
-   float32, resize, `(x - mean) / std` with the row's statistics, channel
-   dropout.  Why normalization runs here and not in DALI: see
-   `shards.dali_pipeline`.
+6. `deliver`, on the delivery device: channel subset while converting to
+   float32, channel dropout (in pixel space), resize, `(x - mean) / std`
+   with the row's statistics.  Why normalization runs here and not in DALI:
+   see `shards.dali_pipeline`.
 
 Resize (image_size other than the native size) is antialiased bilinear in
 torch (`F.interpolate`) for both backends, so they agree to float rounding;
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shards.augment import draw_plan
 from shards.loader_spec import LoaderError, LoaderSpec
 from shards.selection import (epoch_order, epoch_rows, locate_rows, rank_batches,
                               resolve_selection, shard_damage, well_sites)
@@ -149,23 +152,31 @@ class Loader:
                             s.seed, epoch)
         return rank_batches(order, s.rank, s.world_size, s.batch_size, s.drop_last)
 
+    def augment_plan(self, epoch: int, n: int) -> dict | None:
+        """The shear and dihedral transform of each of the `n` samples this rank reads in
+        `epoch`, in reading order (`augment.draw_plan`); None without augmentation."""
+        s = self.spec
+        return (draw_plan(n, s.seed, epoch, s.rank, s.shear_deg, s.shear_p) if s.augment
+                else None)
+
     def __iter__(self):
         epoch, s = self.epoch, self.spec
         rows, pieces = self.plan(epoch)
         seed = int(np.random.SeedSequence([s.seed, epoch, s.rank]).generate_state(1)[0])
         gen = torch.Generator().manual_seed(seed)
+        plan = self.augment_plan(epoch, len(rows))
         if self.backend == "dali":
             from shards.dali_pipeline import dali_batches, write_filtered_index
             self._iterations += 1  # two live iterators must not share index files
             tag = f"e{epoch}-r{s.rank}-i{self._iterations}"
             tars, indexes = write_filtered_index(self.run_dir, tag, rows, self.where,
                                                  self.shard_paths)
-            batches = dali_batches(tars, indexes, pieces, self.image_shape, s.augment,
+            batches = dali_batches(tars, indexes, pieces, self.image_shape, plan,
                                    self.device, self.num_workers, seed & 0x7FFFFFFF)
         else:
             from shards.torch_loader import torch_batches
             batches = torch_batches(rows, self.shard_paths, self.where, pieces, self.image_shape,
-                                    s.augment, self.num_workers, seed,
+                                    plan, self.num_workers,
                                     pin_memory=self.device.type == "cuda")
         try:
             for images, batch_rows in batches:
@@ -189,32 +200,37 @@ def deliver(images, rows, d: Delivery, gen):
     """uint8 (b, 6, H, W) -> float32 (b, C, S, S) normalized on `d.device`, labels, rows.
 
     The channel subset is copied while converting to float32 into a fresh
-    output, resized if asked, then normalized in place, `(x - mean) / std`
-    with the rows' statistics; dropped channels are zeroed.
+    output, channel dropout sets one channel of a sample to 0 in pixel space
+    (the reference's ChannelDropout: after normalization it reads -mean/std),
+    then the batch is resized if asked and normalized in place, `(x - mean) /
+    std` with the rows' statistics.  Dropout draws from `gen` per batch, so both
+    backends drop the same channels of the same samples.
     """
     device, channels = d.device, d.channels
     images = images.to(device, non_blocking=True)
     rows = rows.to(torch.int64).cpu()
     b, _, h, w = images.shape
     size = (h, w) if d.image_size is None else (d.image_size, d.image_size)
+    drop = torch.full((b,), -1, dtype=torch.int64)
+    if d.channel_dropout > 0:
+        hit = torch.rand(b, generator=gen) < d.channel_dropout
+        which = torch.randint(len(channels), (b,), generator=gen)
+        drop = torch.where(hit, which, drop)
     if device.type == "cpu":
-        out = _deliver_cpu(images, d.mean[rows], d.std[rows], channels, size)
+        out = _deliver_cpu(images, d.mean[rows], d.std[rows], channels, size, drop)
     else:
         out = torch.empty((b, len(channels), h, w), dtype=torch.float32, device=device)
         for i, c in enumerate(channels):
             out[:, i].copy_(images[:, c - 1])
+        for i in torch.nonzero(drop >= 0).flatten().tolist():
+            out[i, drop[i]].zero_()
         out = _resize(out, size)
         dev_rows = rows.to(device, non_blocking=True)
         out.sub_(d.mean[dev_rows][:, :, None, None]).div_(d.std[dev_rows][:, :, None, None])
-    if d.channel_dropout > 0:
-        hit = torch.rand(b, generator=gen) < d.channel_dropout
-        which = torch.randint(len(channels), (b,), generator=gen)
-        for i in torch.nonzero(hit).flatten().tolist():
-            out[i, which[i]].zero_()
     return out, d.labels[rows].to(device, non_blocking=True), rows
 
 
-def _deliver_cpu(images, mean, std, channels, size):
+def _deliver_cpu(images, mean, std, channels, size, drop):
     """The CPU variant of `deliver`'s float32 step, 2-5x faster than whole-batch ops here:
     - one site at a time, so its float32 planes stay in cache between the three passes;
     - on one torch thread: the DALI threads or DataLoader workers already hold the
@@ -222,6 +238,7 @@ def _deliver_cpu(images, mean, std, channels, size):
     - the output is allocated by numpy, which asks the kernel for transparent huge
       pages: a fresh 170 MB batch page-faults half as long as torch.empty's."""
     b, _, h, w = images.shape
+    drop = drop.tolist()
     out = torch.from_numpy(np.empty((b, len(channels), *size), np.float32))
     tmp = out if size == (h, w) else torch.empty((1, len(channels), h, w))
     threads = torch.get_num_threads()
@@ -230,7 +247,10 @@ def _deliver_cpu(images, mean, std, channels, size):
         for k in range(b):
             site = tmp[0 if tmp is not out else k]
             for i, c in enumerate(channels):
-                site[i].copy_(images[k, c - 1])
+                if i == drop[k]:
+                    site[i].zero_()  # pixel space: normalization below makes it -mean/std
+                else:
+                    site[i].copy_(images[k, c - 1])
             if tmp is not out:
                 out[k] = _resize(tmp, size)[0]
             out[k].sub_(mean[k, :, None, None]).div_(std[k, :, None, None])

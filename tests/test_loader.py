@@ -83,32 +83,37 @@ def test_none_norm_is_pixel_over_255(tiny_store, pixels, backend):
     np.testing.assert_allclose(x[:, 0], pixels[r, :, :, 3] / 255.0, atol=1e-6)
 
 
-def dihedral_index(out, ref):
+def dihedral_index(out, ref, dropped_value):
     """Which of the 8 dihedral transforms of `ref` (C, H, W) `out` is, and the channel
-    zeroed by channel dropout (None if none); AssertionError if it is neither."""
+    channel dropout set to 0 in pixel space (None if none): that channel must read
+    `dropped_value[c]` = -mean/std everywhere.  AssertionError if it is neither."""
     for k, t in enumerate(all_dihedral(ref)):
-        if np.allclose(out, t, atol=1e-4):
+        differ = [c for c in range(len(out)) if not np.allclose(out[c], t[c], atol=1e-4)]
+        if not differ:
             return k, None
-        zero = [c for c in range(len(out)) if not out[c].any()]
-        if len(zero) == 1:
-            keep = [c for c in range(len(out)) if c != zero[0]]
-            if np.allclose(out[keep], t[keep], atol=1e-4):
-                return k, zero[0]
+        if len(differ) == 1 and np.allclose(out[differ[0]], dropped_value[differ[0]],
+                                            atol=1e-5):
+            return k, differ[0]
     raise AssertionError("output is no dihedral transform (or channel-dropped copy) of its site")
 
 
 @pytest.mark.parametrize("backend", [DALI, "torch"])
 def test_augment_is_dihedral_or_channel_dropped(tiny_store, store, pixels, backend):
+    """The reference's ChannelDropout: one channel set to 0 in pixel space, before
+    normalization, so it reads -mean/std of that site and channel (issue 12 #4)."""
     spec = LoaderSpec(channels=SUBSET, norm="experiment", sites="two", batch_size=32,
                       augment=True, channel_dropout=0.3, backend=backend, num_workers=2, seed=3)
     loader = make_loader(tiny_store, "all", spec)
     x, _, r, _ = run(loader)
     ref = reference(store, pixels, r, "experiment")
+    stats = store.norm("experiment")[:, [c - 1 for c in SUBSET]]
     seen, dropped = np.zeros(8, int), 0
-    for out, want in zip(x, ref):
+    for out, want, row in zip(x, ref, r):
         # the synthetic sites are asymmetric: their 8 transforms differ, so a match is unique
         assert len({t.tobytes() for t in all_dihedral(want)}) == 8
-        k, zero = dihedral_index(out, want)
+        fill = -stats[row, :, 0] / stats[row, :, 1]
+        assert (np.abs(fill) > 0.1).all()  # a dropped channel is not 0 after normalization
+        k, zero = dihedral_index(out, want, fill)
         seen[k] += 1
         dropped += zero is not None
     assert (seen > 0).all(), f"transform counts {seen}: all 8 dihedral transforms must occur"
