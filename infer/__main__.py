@@ -1,7 +1,7 @@
 """`python -m infer COMMAND --help` — predict-all, ensemble, pseudo-labels, score.
 
     python -m infer predict-all --shards OUT --model-root LOGS/finetune --model-name NAME \\
-        --out-dir PRED [--tta 1|2|8] [--batch-size 64] [--split test|valid] [--data-dir DATA] \\
+        --out-dir PRED [--tta 1|2|8 (default: the run's)] [--batch-size 64] [--split test|valid] [--data-dir DATA] \\
         [--amp auto|bf16|fp16|none]
     python -m infer ensemble --data-dir DATA --predict-root PRED [--model-names a,b] \\
         [--extra-logits f.npy,g.npy] [--out submission.csv] [--no-assign] [--temperature 1] \\
@@ -18,7 +18,7 @@ import fire
 from common.errors import run_cli
 
 
-def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, split="test",
+def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32, split="test",
                 data_dir=None, folds=None, channels=None, device=None, backend="auto",
                 overwrite=False, amp=None):
     """Logits of every [channels]/fold_k/<model_name> checkpoint under model_root.
@@ -27,7 +27,9 @@ def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, s
     one row per well: test.csv order for test - pass --data-dir for the exact
     file order, else the store's experiment/plate/well order - and the fold's
     valid CSV order for valid) with ids_<split>.csv beside it. Both sites are
-    averaged; --tta 2 adds the horizontal flip, --tta 8 the dihedral group.
+    averaged; --tta 2 adds the horizontal flip, --tta 8 the dihedral group
+    (default: the run's own predict_params.tta; 8 for runs of configs/plus.yml, else 1).
+    A run trained on 1139 classes (controls as classes) keeps its first 1108 columns.
     Under torchrun every rank predicts its part and rank 0 writes.
     --folds 0,1 / --channels "[1,2,3,4,5]" (or "[1,2,3,4,5];[1,2,3,5,6]", all)
     restrict the runs; --overwrite redoes runs whose output exists (they are

@@ -7,6 +7,14 @@ logits of the two sites and of the TTA views are averaged per well and written
 as `OUT/[channels]/fold_k/<model>/pred_<split>.npy` (float32, one row per well)
 with `ids_<split>.csv` and `pred_<split>.json` (checkpoint, epoch, TTA) beside it.
 
+A run trained with the controls as classes (1139 = 1108 siRNAs + 31 controls,
+sirna id = class) keeps the contract of every other run: its first 1108
+columns are written, and pred_<split>.json records `trained_classes`.  A
+model that takes the cell type as an input (`takes_cell_type`) gets it per
+site from the experiment names, through the model's own `cell_types_of_rows`.
+The TTA default is the run's: `predict_params.tta` of its config, else 8 for
+a run of the plus recipe (`plus: true`), else 1; `--tta` overrides it.
+
 Row order: test = test.csv (with --data-dir; without it the store's
 experiment/plate/well order, which is test.csv's in the Kaggle and synthetic
 data); valid = the run's valid CSV.
@@ -36,7 +44,7 @@ from common.well_logits import WellMeans, well_index
 from infer import InferError
 from infer.predictions import PRED_FILE, pred_dir, write_predictions
 from infer.wells import experiments_of, int_column, load_test_wells
-from shards.layout import CONTROL_BASE
+from shards.layout import CONTROL_BASE, N_SIRNAS, N_TREATMENTS
 from shards.metadata import read_csv_checked
 
 TTA_CHOICES = (1, 2, 8)
@@ -199,6 +207,32 @@ def run_amp(amp, rc: dict) -> str:
     return setting
 
 
+def run_tta(tta, rc: dict) -> int:
+    """--tta when given, else the run's `predict_params.tta`, else 8 for a plus run, else 1.
+    Read defensively: configs older than these keys have neither."""
+    if tta is not None:
+        return tta
+    cfg = rc.get("config") or {}
+    value = (cfg.get("predict_params") or {}).get("tta")
+    if value is None:
+        value = 8 if cfg.get("plus") else 1
+    if value not in TTA_CHOICES:
+        raise InferError(f"{rc.get('run_dir', 'the run')}: its config's predict_params.tta "
+                         f"{value!r} is none of {TTA_CHOICES}; give --tta")
+    return int(value)
+
+
+def treatment_columns(logits: np.ndarray, rc: dict) -> tuple[np.ndarray, int]:
+    """(logits of the 1108 treatment siRNAs, classes the run was trained on).
+
+    A run with the controls as classes (1139 outputs, class = sirna id) keeps its first
+    1108 columns, so that every prediction file of a finetune/pseudo run is (n, 1108)."""
+    trained = int(logits.shape[1])
+    if trained == N_SIRNAS and int(rc.get("label_offset") or 0) == 0:
+        return np.ascontiguousarray(logits[:, :N_TREATMENTS]), trained
+    return logits, trained
+
+
 @torch.no_grad()
 def predict_wells(model, loader, wells: pd.DataFrame, tta: int, device: torch.device,
                   d: Dist, desc: str = "predict", amp: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -207,15 +241,21 @@ def predict_wells(model, loader, wells: pd.DataFrame, tta: int, device: torch.de
     `amp`: the autocast choice (common.precision): auto = bf16 only where the device has it."""
     means = WellMeans(well_of_row(loader.sites, wells), len(wells))
     dtype = amp_dtype(amp, device)
+    # A model with the cell type as input gets it per site (rows point into loader.sites).
+    cell_types = model.cell_types_of_rows(loader.sites) \
+        if getattr(model, "takes_cell_type", False) else None
     for images, _labels, rows in tqdm(loader, total=_len(loader), desc=desc, unit="batch",
                                       disable=d.rank != 0, file=sys.stderr):
         images = images.to(device, non_blocking=True)
+        rows = torch.as_tensor(rows).cpu().numpy()
+        extra = () if cell_types is None else \
+            (torch.as_tensor(cell_types[rows]).to(device, non_blocking=True),)
         logits = None
         for view in tta_views(images, tta):
             with autocast(device, dtype):
-                out = model(view).float()
+                out = model(view, *extra).float()
             logits = out if logits is None else logits + out
-        means.add(torch.as_tensor(rows).cpu().numpy(), (logits / tta).cpu().numpy())
+        means.add(rows, (logits / tta).cpu().numpy())
     if d.enabled:
         means.all_reduce(device)
     if means.sums is None:
@@ -232,7 +272,7 @@ def _len(loader):
 
 # ------------------------------------------------------------------ the command
 
-def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, split="test",
+def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32, split="test",
                 data_dir=None, folds=None, channels=None, device=None, backend="auto",
                 overwrite=False, num_workers=None, amp=None) -> dict:
     import shards as shards_pkg
@@ -240,9 +280,10 @@ def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, s
 
     if split not in ("test", "valid"):
         raise InferError(f"--split {split!r}: choose test or valid")
-    tta = _positive_int(tta, "--tta")
-    if tta not in TTA_CHOICES:
-        raise InferError(f"--tta {tta}: choose one of {TTA_CHOICES}")
+    if tta is not None:
+        tta = _positive_int(tta, "--tta")
+        if tta not in TTA_CHOICES:
+            raise InferError(f"--tta {tta}: choose one of {TTA_CHOICES}")
     batch_size = _positive_int(batch_size, "--batch-size")
     if num_workers is not None:
         num_workers = _positive_int(num_workers, "--num-workers", low=0)
@@ -265,17 +306,20 @@ def predict_all(shards, model_root, model_name, out_dir, tta=1, batch_size=32, s
         model, rc = load_for_inference(run.checkpoint, device=str(dev))
         check_run_config(run, rc, model_name)
         run_amp_setting = run_amp(amp, rc)
+        views = run_tta(tta, rc)
         wells = test_wells if split == "test" else valid_selection(rc, store_sites, run.checkpoint)
         loader = _loader(shards_pkg, str(shards), wells, rc, batch_size, dev, d, backend,
                          num_workers)
-        logits, counts = predict_wells(model, loader, wells, tta, dev, d,
+        logits, counts = predict_wells(model, loader, wells, views, dev, d,
                                        desc=f"[{i + 1}/{len(runs)}] "
                                             f"{run_subdir(run.channels, run.fold, model_name)}",
                                        amp=run_amp_setting)
+        logits, trained_classes = treatment_columns(logits, rc)
         if d.rank == 0:
             _check_counts(counts, wells, run.checkpoint)
             ids = wells[["id_code"] + (["sirna"] if "sirna" in wells.columns else [])]
-            meta = dict(checkpoint=os.path.abspath(run.checkpoint), split=split, tta=tta,
+            meta = dict(checkpoint=os.path.abspath(run.checkpoint), split=split, tta=views,
+                        trained_classes=trained_classes,
                         shape=list(logits.shape), channels=list(rc["channels"]),
                         fold=run.fold, epoch=rc.get("epoch"), stage=rc.get("stage"),
                         label_offset=rc.get("label_offset"), image_size=rc["image_size"],

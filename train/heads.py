@@ -91,6 +91,11 @@ class PlusNet(nn.Module):
             return torch.zeros((), device=targets.device)
         return self.arcface_weight * self.head.arcface.loss(cosine, targets)
 
+    @staticmethod
+    def cell_types_of_rows(sites) -> np.ndarray:
+        """For prediction, which may not import train's modules: see cell_types_of_rows."""
+        return cell_types_of_rows(sites)
+
     def plain_state_to_own(self, state: Mapping[str, torch.Tensor]) -> dict:
         """A plain train.models state dict (e.g. the control model's) as this model's keys:
         its backbone's tensors under `backbone.`, its classifier left out."""
