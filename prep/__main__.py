@@ -8,24 +8,30 @@ import fire
 from common.errors import run_cli
 
 
-def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, workers=None):
-    """Write a synthetic dataset in the RxRx1 Kaggle layout (presets: tiny, demo, full).
+def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, workers=None,
+          layout="kaggle"):
+    """Write a synthetic dataset in an RxRx1 layout (presets: tiny, demo, full).
 
-    OUT_DIR must be new, empty, or a previous synth of the same parameters
-    (its synth.json): any other directory is refused, never overwritten."""
+    --layout kaggle (default): the competition's train.csv, test.csv, *_controls.csv
+    and train/ test/ images; --layout release: rxrx.ai's metadata.csv and images/.
+    Both hold the same wells and pixels for the same seed. OUT_DIR must be new,
+    empty, or a previous synth of the same parameters (its synth.json): any other
+    directory is refused, never overwritten."""
     from prep.synth import synth as run
     return run(out_dir, preset=preset, seed=seed, experiments=experiments,
-               image_size=image_size, workers=workers)
+               image_size=image_size, workers=workers, layout_name=layout)
 
 
 def folds(data_dir, n_folds=5, out_dir="csv", seed=0):
-    """Write train_k.csv / valid_k.csv split by experiment, as the reference does."""
+    """Write train_k.csv / valid_k.csv split by experiment, as the reference does.
+    DATA_DIR holds either RxRx1 layout (Kaggle files, or metadata.csv + images/)."""
     from prep.folds import write_folds
     return write_folds(data_dir, n_folds=n_folds, out_dir=out_dir, seed=seed)
 
 
 def shards(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0):
     """Pack every site's six PNGs into OUT/store.zarr and OUT/shards/*.tar (resumable).
+    DATA_DIR holds either RxRx1 layout (Kaggle files, or metadata.csv + images/).
 
     A re-run on a finished store checks every array, chunk and shard (shard
     sha256s included) and repacks whatever is missing or damaged."""

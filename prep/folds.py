@@ -34,10 +34,8 @@ def assign_folds(experiments_by_cell_type: dict[str, list[str]], n_folds: int,
 
 
 def write_folds(data_dir, n_folds=5, out_dir="csv", seed=0) -> list[str]:
-    """Write train_k.csv / valid_k.csv for k in 0..n_folds-1 from the treatment
-    wells of train.csv (one row per well); return the written paths."""
-    if not os.path.isdir(str(data_dir)):
-        raise BadInput(f"{data_dir}: data directory not found (--data-dir)")
+    """Write train_k.csv / valid_k.csv for k in 0..n_folds-1 from the train treatment
+    wells of DATA (either layout; one row per well); return the written paths."""
     if os.path.exists(str(out_dir)) and not os.path.isdir(str(out_dir)):
         raise BadInput(f"{out_dir}: output directory (--out-dir) is a file, not a directory")
     wells = load_wells(data_dir)
@@ -53,8 +51,8 @@ def write_folds(data_dir, n_folds=5, out_dir="csv", seed=0) -> list[str]:
     if isinstance(n_folds, bool) or not isinstance(n_folds, (int, np.integer)) \
             or not 2 <= n_folds <= n_experiments:
         raise BadInput(f"n_folds={n_folds!r}: need an integer from 2 to the number of train "
-                       f"experiments with treatment wells in {data_dir}/train.csv "
-                       f"({n_experiments}), since each valid fold holds whole experiments")
+                       f"experiments with treatment wells in {data_dir} ({n_experiments}), "
+                       "since each valid fold holds whole experiments")
     fold_of = assign_folds({ct: list(v) for ct, v in by_cell_type.items()}, n_folds, seed)
     fold = rows["experiment"].map(fold_of).to_numpy()
 

@@ -43,6 +43,7 @@ from shards.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, 
                              STORE_NAME, ManifestError, check_format, fingerprint, sha256_file,
                              source_files, write_manifest)
 from shards.metadata import load_sites
+from shards.source_layout import LOOKED_FOR, detect_layout
 from shards.store import check_structure, missing_chunk_rows
 
 # zstd level 1: as small as level 3 on these images and a little cheaper
@@ -53,7 +54,8 @@ KILL_AFTER_ENV = "CELLSHARD_PREP_KILL_AFTER"
 
 
 def pack(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0, zstd_level=ZSTD_LEVEL):
-    """Pack DATA (Kaggle layout) into OUT; resumable. Returns a short summary
+    """Pack DATA (either RxRx1 layout: Kaggle files or metadata.csv + images/) into
+    OUT; resumable. Returns a short summary
     (the manifest itself is OUT/manifest.json).
 
     A re-run on a finished store checks it first (every array, chunk file and
@@ -62,7 +64,8 @@ def pack(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0, zstd_level=
     t0 = time.time()
     data_dir, out_dir = os.path.abspath(str(data_dir)), os.path.abspath(str(out_dir))
     workers = _check_options(data_dir, out_dir, workers, shard_size_mb, seed)
-    files = source_files(data_dir)
+    layout = detect_layout(data_dir)
+    files = source_files(data_dir, layout)
     fp = fingerprint(files)
     params = {"shard_size_mb": shard_size_mb, "seed": seed, "zstd_level": zstd_level}
     done, damaged = _finished_manifest(out_dir, fp, params)
@@ -72,9 +75,9 @@ def pack(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0, zstd_level=
         return _summary(out_dir, done, packed=0, seconds=time.time() - t0)
 
     sites = load_sites(data_dir)
-    _check_files_exist(data_dir, sites)
+    _check_files_exist(data_dir, sites, layout)
     # Every site must have the first site's shape.
-    height, width = read_site(site_paths(data_dir, sites.iloc[0]))[0].shape
+    height, width = read_site(site_paths(data_dir, sites.iloc[0], layout))[0].shape
     shape = (height, width, N_CHANNELS)
     run = {"format_version": FORMAT_VERSION, "fingerprint": fp, "image_shape": list(shape),
            "n_sites": len(sites), "zstd_level": zstd_level}
@@ -87,18 +90,17 @@ def pack(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0, zstd_level=
         todo = [s for s in plan if read_record(out_dir, s, run) is None]
         rows = sites.to_dict("records")
         tasks = [dict(shard=s, sites=[rows[r] for r in s["rows"]], data_dir=data_dir,
-                      out_dir=out_dir, run=run) for s in todo]
+                      layout=layout, out_dir=out_dir, run=run) for s in todo]
         packed = sum(len(s["rows"]) for s in todo)
         _run_workers(tasks, workers, total=len(sites), initial=len(sites) - packed)
-        manifest = _finish(data_dir, out_dir, sites, plan, run, files, params)
+        manifest = _finish(data_dir, layout, out_dir, sites, plan, run, files, params)
     return _summary(out_dir, manifest, packed=packed, seconds=time.time() - t0)
 
 
 def _check_options(data_dir, out_dir, workers, shard_size_mb, seed):
     """Refuse bad arguments before anything is read or written; returns the workers."""
     if not os.path.isdir(data_dir):
-        raise BadInput(f"{data_dir}: data directory not found (--data-dir); it must hold "
-                       "train.csv, test.csv, the *_controls.csv files and train/ test/ images")
+        raise BadInput(f"{data_dir}: data directory not found (--data-dir); {LOOKED_FOR}")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise BadInput(f"{out_dir}: output directory (--out-dir) is a file, not a directory")
     if isinstance(shard_size_mb, bool) or not isinstance(shard_size_mb, numbers.Real) \
@@ -183,11 +185,11 @@ def _forget_damaged(out_dir, m, problems, plan):
                 os.remove(path)
 
 
-def _check_files_exist(data_dir, sites):
+def _check_files_exist(data_dir, sites, layout):
     """Every channel file of every site, checked from one listing per plate folder,
     so a missing file is reported before anything is written."""
     for (split, exp, plate), part in sites.groupby(["split", "experiment", "plate"]):
-        first = site_paths(data_dir, part.iloc[0])[0]
+        first = site_paths(data_dir, part.iloc[0], layout)[0]
         folder = os.path.dirname(first)
         try:
             present = set(os.listdir(folder))
@@ -286,7 +288,7 @@ def _run_workers(tasks, workers, total, initial):
 
 # ---------------------------------------------------------------- after every shard
 
-def _finish(data_dir, out_dir, sites, plan, run, files, params):
+def _finish(data_dir, layout, out_dir, sites, plan, run, files, params):
     n = len(sites)
     stats = np.zeros((n, N_CHANNELS, 5), np.float64)
     entries = []
@@ -331,7 +333,8 @@ def _finish(data_dir, out_dir, sites, plan, run, files, params):
         "channel_order": list(CHANNELS), "codec": {"store": "zstd", "shards": "raw"},
         "n_sites": n,
         "sites_table": {"path": SITES_NAME, "sha256": sha256_file(sites_path)},
-        "source": {"fingerprint": run["fingerprint"], "files": files, "data_dir": data_dir},
+        "source": {"fingerprint": run["fingerprint"], "files": files, "layout": layout,
+                   "data_dir": data_dir},
         "shards": entries,
         "pixel_stats_check": check,
         "prep": params,

@@ -11,17 +11,21 @@ import numpy as np
 from PIL import Image
 
 from shards.layout import CHANNELS, png_path
+from shards.source_layout import detect_layout
 
 
 class PngError(BadInput):
     """A source PNG is missing, unreadable, or not the 8-bit grayscale image prep expects."""
 
 
-def site_paths(data_dir, site_row) -> list[str]:
-    """The six channel files of one sites-table row (any object with split/experiment/...)."""
+def site_paths(data_dir, site_row, source_layout: str | None = None) -> list[str]:
+    """The six channel files of one sites-table row (any object with split/experiment/...)
+    in `source_layout` (kaggle or release; detected from data_dir's CSVs when None:
+    pass it when calling once per site)."""
     r = site_row
-    return [png_path(data_dir, r["split"], r["experiment"], r["plate"], r["well"], r["site"], c)
-            for c in CHANNELS]
+    source_layout = source_layout or detect_layout(data_dir)
+    return [png_path(data_dir, r["split"], r["experiment"], r["plate"], r["well"], r["site"], c,
+                     source_layout) for c in CHANNELS]
 
 
 def read_channel(path: str) -> np.ndarray:

@@ -28,6 +28,9 @@ from shards.atomic import write_atomic, write_bytes
 from shards.manifest import SHARDS_DIR, STORE_NAME
 
 WORK_DIR = ".prep"  # prep's bookkeeping inside OUT; not part of the store format
+# The sites-table columns each sample's .json holds, in this order (docs/format.md).
+TAR_JSON_COLUMNS = ("row", "split", "id_code", "experiment", "cell_type", "plate", "well",
+                    "site", "sirna", "well_type")
 
 
 def shard_files(out_dir, name):
@@ -70,7 +73,8 @@ def init_worker():
 
 def write_shard(task):
     """task: shard {name, split, rows}, sites (sites-table rows as dicts, in shard
-    order), data_dir, out_dir, run (image_shape, zstd_level, ...). Returns the site count."""
+    order), data_dir, layout (of data_dir: kaggle or release), out_dir, run
+    (image_shape, zstd_level, ...). Returns the site count."""
     shard, run, out_dir = task["shard"], task["run"], task["out_dir"]
     shape = tuple(run["image_shape"])
     tar, idx, rec_path = shard_files(out_dir, shard["name"])
@@ -87,7 +91,8 @@ def write_shard(task):
         pending = None
         try:
             for row in task["sites"]:
-                channels = read_site(site_paths(task["data_dir"], row), shape[:2])
+                channels = read_site(site_paths(task["data_dir"], row, task["layout"]),
+                                     shape[:2])
                 stats.append([channel_stats(ch) for ch in channels])
                 pixels = np.stack(channels, axis=-1)
                 if pending is not None:
@@ -117,7 +122,10 @@ def _write_site(out_dir, zstd, writer, row, pixels):
     # The chunk bytes zarr's ZstdCodec would write, written directly: going
     # through zarr's API costs 2-4x the compression itself per 512 px site.
     write_bytes(chunk_path(out_dir, row["row"]), zstd.encode(pixels))
-    meta = json.dumps({**row, "shape": list(pixels.shape)}, separators=(",", ":"))
+    # Only the label-contract columns: sirna_name is '' from the Kaggle files, and the
+    # tars must be the same bytes from either layout (docs/format.md).
+    meta = json.dumps({**{k: row[k] for k in TAR_JSON_COLUMNS}, "shape": list(pixels.shape)},
+                      separators=(",", ":"))
     writer.add(sample_key(row["id_code"], row["site"]),
                [(PIXELS, pixels), (ROW, np.array(row["row"], "<i8").tobytes()),
                 (JSON, meta.encode())])

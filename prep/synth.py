@@ -1,4 +1,9 @@
-"""Synthetic RxRx1: the Kaggle layout with a planted, learnable phenotype signal.
+"""Synthetic RxRx1, in either layout (Kaggle or release), with a planted, learnable phenotype signal.
+
+The layout changes only where files go and how the metadata is spelled: the
+same seed gives the same wells and the same pixels in both, so the two layouts
+of one synthetic set pack into identical stores. ThermoFisher names of the
+release layout are made up (`s<20000 + class id>`).
 
 What is planted (README "Synthetic data" has the long form):
 
@@ -246,7 +251,7 @@ def well_params(des: dict, cell_type: str, sirna: int, rng) -> np.ndarray:
 
 def _render_plate(task) -> list[tuple]:
     """Worker: render and write every site of some wells of one plate; returns pixel_stats rows."""
-    out_dir, exp, plate_df, des, size, seed = task
+    out_dir, source_layout, exp, plate_df, des, size, seed = task
     fx = experiment_effects(exp, seed)
     plate_gain = np.exp(np.random.default_rng([seed, 4, exp.index, int(plate_df.plate.iloc[0])])
                         .normal(0, PLATE_GAIN_SD, 6))
@@ -258,7 +263,8 @@ def _render_plate(task) -> list[tuple]:
         for site in layout.SITES:
             img = render_site(params, fx, size, rng)
             for c in layout.CHANNELS:
-                path = layout.png_path(out_dir, exp.split, exp.name, r.plate, r.well, site, c)
+                path = layout.png_path(out_dir, exp.split, exp.name, r.plate, r.well, site, c,
+                                       source_layout)
                 Image.fromarray(img[c - 1]).save(path, compress_level=3)
                 ch = img[c - 1]
                 stats.append((r.id_code, exp.name, r.plate, r.well, site, c, float(ch.mean()),
@@ -266,8 +272,10 @@ def _render_plate(task) -> list[tuple]:
     return stats
 
 
-def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, workers=None):
-    """Write a synthetic dataset in the RxRx1 Kaggle layout; returns a summary dict.
+def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, workers=None,
+          layout_name=layout.KAGGLE):
+    """Write a synthetic dataset in the RxRx1 Kaggle layout (or, with layout_name
+    'release', rxrx.ai's metadata.csv + images/); returns a summary dict.
 
     OUT_DIR must not exist, be empty, or hold a previous synth of the same
     parameters (its synth.json); anything else is refused, never overwritten."""
@@ -287,9 +295,12 @@ def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, wor
                                 or not isinstance(workers, numbers.Integral) or workers < 1):
         raise BadInput(f"--workers {workers!r}: must be a positive integer (default: one "
                        "per core)")
+    if layout_name not in layout.SOURCE_LAYOUTS:
+        raise BadInput(f"--layout {layout_name!r}: choose one of "
+                       f"{', '.join(layout.SOURCE_LAYOUTS)}")
     exps = limit_experiments(experiment_list(cfg), experiments)
     params = dict(preset=preset, seed=int(seed), image_size=size,
-                  experiments=[e.name for e in exps])
+                  experiments=[e.name for e in exps], layout=layout_name)
     _check_out_dir(str(out_dir), params)
     os.makedirs(out_dir, exist_ok=True)
     write_bytes(os.path.join(out_dir, RUNNING_JSON), json.dumps(params))
@@ -299,11 +310,13 @@ def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, wor
     t0 = time.time()
     for e in exps:
         for plate in layout.PLATES:
-            os.makedirs(os.path.join(out_dir, e.split, e.name, f"Plate{plate}"), exist_ok=True)
+            folder = os.path.dirname(layout.png_path(out_dir, e.split, e.name, plate, "B02", 1, 1,
+                                                     layout_name))
+            os.makedirs(folder, exist_ok=True)
     by_exp = {e.name: e for e in exps}
     # Chunks of a plate, so a 512 px run shows progress and spreads over the cores.
     chunk = max(1, 4096 // size)
-    tasks = [(out_dir, by_exp[name], g.iloc[i:i + chunk], des, size, seed)
+    tasks = [(out_dir, layout_name, by_exp[name], g.iloc[i:i + chunk], des, size, seed)
              for (name, _), g in wells.groupby(["experiment", "plate"], sort=True)
              for i in range(0, len(g), chunk)]
     workers = int(workers or os.cpu_count() or 1)
@@ -313,7 +326,10 @@ def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, wor
                          desc=f"synth {preset}", unit="chunk"):
             stats.extend(rows)
 
-    write_csvs(out_dir, wells, stats)
+    if layout_name == layout.RELEASE:
+        write_release_csvs(out_dir, wells, stats)
+    else:
+        write_csvs(out_dir, wells, stats)
     write_bytes(os.path.join(out_dir, SYNTH_JSON), json.dumps(
         dict(params, n_wells=len(wells), groups=des["groups"].tolist(),
              controls=des["controls"]), indent=1))
@@ -344,7 +360,9 @@ def _check_out_dir(out_dir: str, params: dict) -> None:
     except (OSError, ValueError) as e:
         raise BadInput(f"{path}: unreadable ({e}); synth writes only into a new or empty "
                        "directory") from None
-    mine = {k: old.get(k) for k in params} if isinstance(old, dict) else None
+    # A synth.json from before layouts existed is a Kaggle-layout synth.
+    mine = ({k: old.get(k, layout.KAGGLE if k == "layout" else None) for k in params}
+            if isinstance(old, dict) else None)
     if mine != params:
         raise BadInput(f"{out_dir}: holds a synth of other parameters ({path}: {mine}, asked "
                        f"for {params}); use another directory or delete this one")
@@ -362,9 +380,36 @@ def write_csvs(out_dir, wells: pd.DataFrame, stats: list) -> None:
         frames[f"{split}_controls.csv"] = c[cols + ["sirna", "well_type"]]
     frames["sample_submission.csv"] = pd.DataFrame({"id_code": te.id_code, "sirna": 0})
     frames["test_truth.csv"] = te[["id_code", "sirna"]]
-    frames["pixel_stats.csv"] = pd.DataFrame(
-        stats, columns=["id_code", "experiment", "plate", "well", "site", "channel",
-                        "mean", "std", "median", "min", "max"])
+    frames["pixel_stats.csv"] = _pixel_stats(stats)
+    _write_frames(out_dir, frames)
+
+
+def sirna_name(class_id: int) -> str:
+    """The made-up ThermoFisher id of a synthetic siRNA (one per class id, and back)."""
+    return f"s{20000 + int(class_id)}"
+
+
+def write_release_csvs(out_dir, wells: pd.DataFrame, stats: list) -> None:
+    """rxrx.ai's metadata.csv (one row per site, test labels public, rows in the order
+    of the wells, so the test wells come in test.csv's order) and pixel_stats.csv."""
+    sites = wells.loc[wells.index.repeat(len(layout.SITES))].reset_index(drop=True)
+    sites["site"] = np.tile(np.asarray(layout.SITES), len(wells))
+    meta = pd.DataFrame({
+        "site_id": sites.id_code + "_" + sites.site.astype(str), "well_id": sites.id_code,
+        "cell_type": sites.cell_type, "dataset": sites.split, "experiment": sites.experiment,
+        "plate": sites.plate, "well": sites.well, "site": sites.site,
+        "well_type": sites.well_type, "sirna": sites.sirna.map(sirna_name),
+        "sirna_id": sites.sirna,
+    }, columns=list(layout.RELEASE_COLUMNS))
+    _write_frames(out_dir, {layout.RELEASE_CSV: meta, "pixel_stats.csv": _pixel_stats(stats)})
+
+
+def _pixel_stats(stats: list) -> pd.DataFrame:
+    return pd.DataFrame(stats, columns=["id_code", "experiment", "plate", "well", "site",
+                                        "channel", "mean", "std", "median", "min", "max"])
+
+
+def _write_frames(out_dir, frames: dict) -> None:
     for name, df in frames.items():
         write_atomic(os.path.join(out_dir, name),
                      lambda tmp, df=df: df.to_csv(tmp, index=False, float_format="%.6g"))

@@ -20,6 +20,7 @@ from prep.png_io import PngError, read_site, site_paths
 from shards.dali_index import JSON, PIXELS, ROW, parse_index
 from shards.layout import sample_key
 from shards.manifest import ManifestError, fingerprint, read_manifest, sha256_file, source_files
+from shards.source_layout import MetadataError, detect_layout
 from shards.store import StoreError, check_structure, open_store
 
 N_SAMPLED = 64
@@ -43,18 +44,25 @@ def verify(out_dir, full=False, data_dir=None, n_sampled=N_SAMPLED, seed=0):
         problems += _check_shard(entry, tar, idx, where)
 
     data_dir = os.path.abspath(str(data_dir or store.manifest["source"]["data_dir"]))
+    layout, rows = None, []
     if not os.path.isdir(data_dir):
         problems.append(f"{data_dir}: source data directory not found; pass --data-dir")
-        rows = []
     else:
-        if fingerprint(source_files(data_dir)) != store.manifest["source"]["fingerprint"]:
-            problems.append(f"{data_dir}: source CSVs differ from those the store was packed "
-                            "from (manifest source.fingerprint)")
+        try:
+            layout = detect_layout(data_dir)
+        except MetadataError as e:
+            problems.append(f"{e}; pass --data-dir")
+    if layout is not None:
+        if fingerprint(source_files(data_dir, layout)) != store.manifest["source"]["fingerprint"]:
+            packed = store.manifest["source"].get("files", {})
+            problems.append(f"{data_dir}: source CSVs ({layout} layout) differ from those the "
+                            f"store was packed from ({', '.join(packed)}; manifest "
+                            "source.fingerprint)")
         n = len(store.sites)
         rows = (np.arange(n) if full else
                 np.sort(np.random.default_rng(seed).choice(n, min(n_sampled, n), replace=False)))
     for row in rows:
-        problems += _check_site(store, int(row), data_dir, where)
+        problems += _check_site(store, int(row), data_dir, layout, where)
 
     if problems:
         _report(out_dir, problems)
@@ -104,11 +112,12 @@ def _check_shard(entry, tar, idx, where) -> list[str]:
     return problems
 
 
-def _check_site(store, row, data_dir, where) -> list[str]:
+def _check_site(store, row, data_dir, layout, where) -> list[str]:
     r = store.sites.iloc[row]
     key = sample_key(r["id_code"], r["site"])
     try:
-        source = np.stack(read_site(site_paths(data_dir, r), store.image_shape[:2]), axis=-1)
+        source = np.stack(read_site(site_paths(data_dir, r, layout), store.image_shape[:2]),
+                          axis=-1)
     except PngError as e:
         return [f"row {row} ({key}): {e}"]
     problems = []

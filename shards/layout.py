@@ -1,8 +1,8 @@
 """Facts of the RxRx1 layout that every part of cellshard agrees on.
 
 Plate geometry, siRNA id ranges, channel numbering (1-based, as in the
-reference solution and the file names `_w<channel>.png`), id_code format and
-the paths of the raw PNGs.  Nothing here reads files.
+reference solution and the file names `_w<channel>.png`), id_code format, the
+two source layouts RxRx1 comes in and the paths of their raw PNGs.  Nothing here reads files.
 """
 from __future__ import annotations
 
@@ -94,10 +94,27 @@ def sample_key(id_code: str, site: int) -> str:
     return f"{id_code}_s{int(site)}"
 
 
+# The two ways RxRx1 is shipped (docs/data.md). `kaggle`: the competition's
+# train.csv, test.csv, *_controls.csv and images under train/ and test/;
+# `release`: rxrx.ai's metadata.csv (one row per site) and images under images/.
+KAGGLE = "kaggle"
+RELEASE = "release"
+SOURCE_LAYOUTS = (KAGGLE, RELEASE)
+KAGGLE_CSVS = ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv")
+RELEASE_CSV = "metadata.csv"
+RELEASE_IMAGES = "images"
+RELEASE_COLUMNS = ("site_id", "well_id", "cell_type", "dataset", "experiment", "plate", "well",
+                   "site", "well_type", "sirna", "sirna_id")
+
+
 def png_path(data_dir: str | os.PathLike, split: str, experiment: str, plate: int,
-             well: str, site: int, channel: int) -> str:
-    """Path of one raw channel image in the Kaggle layout."""
-    return os.path.join(str(data_dir), split, experiment, f"Plate{int(plate)}",
+             well: str, site: int, channel: int, source_layout: str = KAGGLE) -> str:
+    """Path of one raw channel image: `<split>/...` in the Kaggle layout, `images/...`
+    in the release layout; below that both are `<experiment>/Plate<p>/<well>_s<site>_w<c>.png`."""
+    if source_layout not in SOURCE_LAYOUTS:
+        raise ValueError(f"source layout {source_layout!r}: one of {', '.join(SOURCE_LAYOUTS)}")
+    top = split if source_layout == KAGGLE else RELEASE_IMAGES
+    return os.path.join(str(data_dir), top, experiment, f"Plate{int(plate)}",
                         f"{well}_s{int(site)}_w{int(channel)}.png")
 
 

@@ -12,16 +12,15 @@ import json
 import os
 
 from shards.atomic import write_bytes
+from shards.source_layout import detect_layout, source_csvs
 
 FORMAT = "cellshard"
-FORMAT_VERSION = 1
+# 2: sites.csv gained `sirna_name` and the manifest `source.layout` (docs/format.md).
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 SITES_NAME = "sites.csv"
 STORE_NAME = "store.zarr"
 SHARDS_DIR = "shards"
-# The source files whose content defines a store; those present are fingerprinted.
-SOURCE_CSVS = ("train.csv", "test.csv", "train_controls.csv", "test_controls.csv",
-               "pixel_stats.csv")
 REQUIRED_KEYS = ("format", "format_version", "image_shape", "dtype", "layout",
                  "channel_order", "codec", "n_sites", "sites_table", "source", "shards")
 
@@ -38,9 +37,12 @@ def sha256_file(path: str, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def source_files(data_dir: str) -> dict[str, str]:
-    """{csv name: sha256} of the source CSVs present in `data_dir`."""
-    return {name: sha256_file(os.path.join(data_dir, name)) for name in SOURCE_CSVS
+def source_files(data_dir: str, source_layout: str | None = None) -> dict[str, str]:
+    """{csv name: sha256} of the source CSVs of `data_dir`'s layout (detected unless
+    given) that are present: only the files that were read name the source."""
+    source_layout = source_layout or detect_layout(data_dir)
+    return {name: sha256_file(os.path.join(data_dir, name))
+            for name in source_csvs(source_layout)
             if os.path.isfile(os.path.join(data_dir, name))}
 
 
@@ -61,7 +63,8 @@ def check_format(m: dict, where: str) -> None:
 
 
 def read_manifest(out_dir: str) -> dict:
-    """The manifest of a complete store; ManifestError if absent, unreadable or not version 1."""
+    """The manifest of a complete store; ManifestError if absent, unreadable or of
+    another format version."""
     path = os.path.join(out_dir, MANIFEST_NAME)
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: no manifest; {out_dir} is not a finished store "

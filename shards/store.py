@@ -33,10 +33,12 @@ import zarr
 from shards.layout import NORM_MODES, N_CHANNELS, SPLITS, STAT_NAMES
 from shards.manifest import (SHARDS_DIR, STORE_NAME, ManifestError, check_format,
                              read_manifest, sha256_file)
+from shards.metadata import SITES_TABLE_COLUMNS
 
 _SITES_DTYPES = {"row": np.int64, "split": str, "id_code": str, "experiment": str,
                  "cell_type": str, "plate": np.int64, "well": str, "site": np.int64,
-                 "sirna": np.int64, "well_type": str}
+                 "sirna": np.int64, "well_type": str, "sirna_name": str}
+assert tuple(_SITES_DTYPES) == SITES_TABLE_COLUMNS
 
 
 class StoreError(BadInput):
@@ -197,6 +199,10 @@ def open_store(out_dir, check: bool = True) -> Store:
         raise StoreError(f"{sites_path}: sha256 differs from the manifest; the sites table was "
                          "edited or replaced, re-run prep into a new output directory")
     sites = pd.read_csv(sites_path, dtype=_SITES_DTYPES, keep_default_na=False)
+    if tuple(sites.columns) != SITES_TABLE_COLUMNS:  # what this version reads, nothing else
+        raise StoreError(f"{sites_path}: columns {', '.join(sites.columns)}, expected "
+                         f"{', '.join(SITES_TABLE_COLUMNS)}; re-run prep into a new output "
+                         "directory")
     if len(sites) != m["n_sites"] or not np.array_equal(sites["row"], np.arange(len(sites))):
         raise StoreError(f"{sites_path}: {len(sites)} rows, manifest says {m['n_sites']}, "
                          "or rows not numbered 0..n-1")

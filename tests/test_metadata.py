@@ -77,7 +77,8 @@ def expect_error(tmp_path, frames, *fragments):
 def test_load_wells_columns_dtypes_and_counts(tmp_path):
     wells = load_wells(write_layout(tmp_path, make_layout()))
     assert list(wells.columns) == ["split", "id_code", "experiment", "cell_type", "plate",
-                                   "well", "sirna", "well_type"]
+                                   "well", "sirna", "well_type", "sirna_name"]
+    assert (wells["sirna_name"] == "").all()  # the Kaggle files carry no ThermoFisher names
     assert wells["plate"].dtype == "int64" and wells["sirna"].dtype == "int64"
     for c in ("split", "id_code", "experiment", "cell_type", "well", "well_type"):
         assert pd.api.types.is_string_dtype(wells[c]), c
@@ -116,7 +117,7 @@ def test_load_sites_two_sites_per_well_in_format_order(tmp_path):
     data = write_layout(tmp_path, make_layout())
     wells, sites = load_wells(data), load_sites(data)
     assert list(sites.columns) == ["row", "split", "id_code", "experiment", "cell_type",
-                                   "plate", "well", "site", "sirna", "well_type"]
+                                   "plate", "well", "site", "sirna", "well_type", "sirna_name"]
     assert len(sites) == 2 * len(wells)
     assert sites["row"].tolist() == list(range(len(sites)))
     assert sites["row"].dtype == "int64" and sites["site"].dtype == "int64"
@@ -276,7 +277,7 @@ def test_load_sites_on_synthetic_tiny(tmp_path):
                    cwd=os.path.join(os.path.dirname(__file__), ".."))
     wells, sites = load_wells(out), load_sites(out)
     assert list(sites.columns) == ["row", "split", "id_code", "experiment", "cell_type",
-                                   "plate", "well", "site", "sirna", "well_type"]
+                                   "plate", "well", "site", "sirna", "well_type", "sirna_name"]
     assert set(wells["split"]) == {"train", "test"}
     assert len(wells) > 0 and len(sites) == 2 * len(wells)
     assert (sites.groupby("id_code")["site"].apply(sorted) == pd.Series(

@@ -143,9 +143,9 @@ def test_not_grayscale(data, tmp_path):
 def test_refuses_store_of_other_format_version(tiny_data, tmp_path):
     out = tmp_path / "old"
     out.mkdir()
-    manifest = {"format": "cellshard", "format_version": 2, "shards": []}
+    manifest = {"format": "cellshard", "format_version": 3, "shards": []}
     (out / "manifest.json").write_text(json.dumps(manifest))
-    msg = _pack_fails(tiny_data, str(out), ManifestError, "version 2", "delete")
+    msg = _pack_fails(tiny_data, str(out), ManifestError, "version 3", "delete")
     assert "new output directory" in msg
     assert json.loads((out / "manifest.json").read_text()) == manifest   # left alone
     assert sorted(os.listdir(out)) == ["manifest.json"]
