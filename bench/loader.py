@@ -8,8 +8,8 @@ augmentation (the reference's: dihedral, channel dropout p=0.5, and in the
 loader cases shear ±10° at p=0.5, which the reference-style case leaves out),
 batch 32, `workers` threads / processes (default: all cores), delivered as
 float32 on the CPU:
-  * dali-cpu: `make_loader(backend="dali")`, a DALI CPU pipeline;
-  * torch: `make_loader(backend="torch")`;
+  * dali-cpu: `make_loader` with `LoaderSpec(backend="dali")`, a DALI CPU pipeline;
+  * torch: the same with `backend="torch"`;
   * reference-style: the reference solution's way, from the source PNG tree:
     one pillow PNG read per selected channel per sample, per-sample
     statistics lookup, the same augmentation in numpy, float32
