@@ -19,7 +19,8 @@ run of at most 8 minutes), in order:
   8. bench/results_gpu.json and a printed table, with the host's CPU capability.
 
 Without a GPU it runs the CPU parts (1, 3 without DALI-GPU, 4 and 6 with a
-small model, the checkpoint of 2) on a small store (`--size 128`), says in one
+small model, the checkpoint of 2) on a small store (the `tiny` preset at
+`--size 128`), says in one
 line which GPU parts were skipped, and exits 0: `tests/test_gpu_check.py` runs
 it that way so the script cannot rot.  A failing check is recorded with its
 traceback and the run carries on (one GPU run must report everything); the
@@ -45,25 +46,27 @@ from bench.gpu_parts import (Ctx, agreement, ddp, fp16_scaler, loader_throughput
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_gpu.json")
 # Defaults per machine kind: the GPU run is the one the issue sizes (8 minutes on an
 # H200); the CPU run only keeps the script honest (under a minute on 2 cores).
-GPU_DEFAULTS = dict(size=512, model="se_resnext50_32x4d", batch=64, steps=20, warmup=5,
-                    predict_wells=256)
-CPU_DEFAULTS = dict(size=128, model="resnet18", batch=16, steps=3, warmup=1, predict_wells=32)
+GPU_DEFAULTS = dict(size=512, preset="full", model="se_resnext50_32x4d", batch=64, steps=20,
+                    warmup=5, predict_wells=256)
+CPU_DEFAULTS = dict(size=128, preset="tiny", model="test_resnet", batch=8, steps=2, warmup=1,
+                    predict_wells=8)
 GPU_PARTS = ("agreement", "fp16_scaler", "ddp_nccl")
 
 
-def main(size=None, preset="full", store=None, model=None, batch=None, steps=None, warmup=None,
+def main(size=None, preset=None, store=None, model=None, batch=None, steps=None, warmup=None,
          predict_wells=None, workers=None, work_dir=None, out=RESULTS, ddp_worker=False):
     """Prove and measure the GPU paths (CPU parts only without a GPU); writes bench/results_gpu.json.
 
     Args:
         size: image side of the synthetic store (default 512 with a GPU, 128 without).
-        preset: synthetic preset (full: one experiment of it; tiny: the tests' data).
+        preset: synthetic preset (default full with a GPU: one experiment of it; tiny without:
+            the tests' 10 experiments, 556 sites).
         store: a packed store to use instead of building one (its image side is the size).
-        model: timm model of the throughput parts (default se_resnext50_32x4d; resnet18 on a CPU).
-        batch: global batch (default 64; 16 on a CPU).
-        steps: timed steps / batches per figure (default 20; 3 on a CPU).
+        model: timm model of the throughput parts (default se_resnext50_32x4d; test_resnet on a CPU).
+        batch: global batch (default 64; 8 on a CPU).
+        steps: timed steps / batches per figure (default 20; 2 on a CPU).
         warmup: untimed steps before each figure (default 5; 1 on a CPU).
-        predict_wells: wells read by the prediction figure (default 256; 32 on a CPU).
+        predict_wells: wells read by the prediction figure (default 256; 8 on a CPU).
         workers: loader threads and synth/prep processes (default: all cores).
         work_dir: where the store, checkpoint and logs go (default bench/out/gpu_check).
         out: the results JSON (default bench/results_gpu.json).
@@ -77,6 +80,7 @@ def main(size=None, preset="full", store=None, model=None, batch=None, steps=Non
     gpu = torch.cuda.is_available()
     d = GPU_DEFAULTS if gpu else CPU_DEFAULTS
     size = int(size or d["size"])
+    preset = preset or d["preset"]
     if preset not in ("full", "tiny", "demo"):
         raise BadInput(f"--preset {preset!r}: choose full, tiny or demo")
     if size < 32:
@@ -102,7 +106,7 @@ def main(size=None, preset="full", store=None, model=None, batch=None, steps=Non
                "parts": {}}
     parts = results["parts"]
     checkpoint = run_part(parts, "checkpoint", lambda: {
-        "path": train_checkpoint(ctx, image_size=min(128, size)), "ok": True})
+        "path": train_checkpoint(ctx, image_size=min(128 if gpu else 64, size)), "ok": True})
     if gpu:
         run_part(parts, "agreement", lambda: agreement(ctx, parts["checkpoint"]["path"])
                  if checkpoint else skip("no checkpoint"))

@@ -134,9 +134,14 @@ def logits_agreement(ctx: Ctx, checkpoint: str) -> dict:
     images, *_ = next(iter(loader(ctx, channels=tuple(rc["channels"]), norm=rc["norm"],
                                   image_size=int(rc["image_size"]), augment=False,
                                   device="cpu", batch_size=min(ctx.batch, 32))))
+    # fp32 on the GPU means fp32: TF32 convolutions (cuDNN's default on Ampere and later)
+    # would alone differ from the CPU by ~1e-3 relative.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
         ref = cpu_model(images).float()
         fp32 = gpu_model(images.to(ctx.device)).float().cpu()
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
         dtype = amp_dtype("auto", ctx.device)
         with autocast(ctx.device, dtype):
             low = gpu_model(images.to(ctx.device)).float().cpu()
