@@ -7,6 +7,8 @@ from shards import layout  # noqa: F401
 _PUBLIC = {
     "load_sites": "shards.metadata",
     "load_wells": "shards.metadata",
+    "source_test_ids": "shards.metadata",
+    "read_test_labels": "shards.metadata",
     "MetadataError": "shards.metadata",
     "open_store": "shards.store",
     "StoreError": "shards.store",

@@ -250,3 +250,19 @@ def test_release_fast_on_real_size(tmp_path):
     sites = load_sites(data)
     assert len(sites) == len(meta) == 2 * 51 * 4 * (11 * 22 + 2)
     assert time.perf_counter() - t < 5
+
+
+@pytest.mark.parametrize("command", ["shards", "folds"])
+def test_cli_on_a_directory_of_neither_layout(tmp_path, command):
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "train").mkdir()
+    p = subprocess.run([sys.executable, "-m", "prep", command, "--data-dir", str(data),
+                        "--out-dir", str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {data}: no RxRx1 metadata found; "
+                                                   "looked for train.csv"), lines
+    assert "metadata.csv with images/" in lines[0]
+    assert not (tmp_path / "out").exists()
