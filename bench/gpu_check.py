@@ -39,9 +39,9 @@ import traceback
 import torch
 
 from bench.full_store import OUT, REPO, STORE as BENCH_STORE
-from bench.gpu_parts import (Ctx, agreement, ddp, fp16_scaler, loader_throughput,
-                             predict_throughput, run_ddp_worker, train_checkpoint,
-                             train_throughput)
+from bench.gpu_ddp import ddp, run_ddp_worker
+from bench.gpu_parts import (Ctx, agreement, fp16_scaler, loader_throughput, predict_throughput,
+                             train_checkpoint, train_throughput)
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results_gpu.json")
 # Defaults per machine kind: the GPU run is the one the issue sizes (8 minutes on an

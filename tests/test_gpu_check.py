@@ -54,7 +54,8 @@ def test_cpu_figures_and_capability(cpu_run):
 
 def test_gpu_parts_rehearsed_on_the_cpu(cpu_run, tiny_store):
     from bench.gpu_check import rows
-    from bench.gpu_parts import Ctx, agreement, ddp, fp16_scaler
+    from bench.gpu_ddp import ddp
+    from bench.gpu_parts import Ctx, agreement, fp16_scaler
     _, r, work = cpu_run
     ctx = Ctx(store=tiny_store, work=str(work / "w"), size=64, batch=8, steps=2, warmup=1,
               model="test_resnet", workers=2, gpu=False)
