@@ -84,7 +84,7 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_
          workers=None, fresh=False, min_confidence=0.6):
     """Run synth -> shards -> verify -> folds -> control -> finetune -> ensemble ->
     pseudo-labels -> pseudo -> ensemble -> score, and print the results table."""
-    from infer.score import score_submission
+    from infer import score_submission
 
     # Bad options stop before anything is made or removed.
     subsets = parse_subsets(channels, "--channels")

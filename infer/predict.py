@@ -340,14 +340,12 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
 def _loader(shards_pkg, store_dir: str, wells: pd.DataFrame, rc: dict, batch_size: int,
             dev: torch.device, d: Dist, backend: str, num_workers):
     """The one call of the loader: both sites, no augmentation, storage order."""
-    loader_kw = dict(channels=list(rc["channels"]), norm=rc["norm"], sites="two",
-                     image_size=int(rc["image_size"]), batch_size=batch_size,
-                     augment=False, shuffle=False, device=str(dev), rank=d.rank,
-                     world_size=d.world_size, backend=backend, label_column="label")
-    if num_workers is not None:
-        loader_kw["num_workers"] = int(num_workers)
-    return shards_pkg.make_loader(store_dir, wells[["id_code", "experiment", "label"]],
-                                  **loader_kw)
+    spec = shards_pkg.LoaderSpec(
+        channels=tuple(rc["channels"]), norm=rc["norm"], sites="two",
+        image_size=int(rc["image_size"]), batch_size=batch_size, augment=False, shuffle=False,
+        device=str(dev), rank=d.rank, world_size=d.world_size, backend=backend,
+        label_column="label", num_workers=None if num_workers is None else int(num_workers))
+    return shards_pkg.make_loader(store_dir, wells[["id_code", "experiment", "label"]], spec)
 
 
 def _positive_int(value, option: str, low: int = 1) -> int:
