@@ -10,11 +10,14 @@ import pandas as pd
 import pytest
 import torch
 
+from common.precision import cpu_has_native_bf16
+
 from train import checkpoint as ckpt
 from train import load_for_inference
-from train.config import load_config
+from train.config import ConfigError, load_config
 from train.models import head_parameter_names
-from train.recipe import KILL_ENV, build_model, fit
+from train.recipe import KILL_ENV, fit
+from train.weights import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSET = "[1,2,3,4,5]"
@@ -93,8 +96,13 @@ def test_control_writes_the_layout(control):
     hist = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     assert [h["stage"] for h in hist] == ["stage0"] + ["stage1"] * 6
     assert all(h["n_valid_sites"] == 2 * h["n_valid_wells"] for h in hist)   # both sites per well
+    assert hist[0]["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")   # amp: auto
     best = ckpt.load(str(d / "checkpoints/best.pth"))
-    assert best["metrics"]["valid_accuracy03"] == max(h["valid_accuracy03"] for h in hist)
+    # chosen among the last stage's epochs only, as catalyst did
+    stage1 = [h for h in hist if h["stage"] == "stage1"]
+    assert best["stage"] == "stage1" and best["epoch"] >= 2
+    assert best["metrics"]["valid_accuracy03"] == max(h["valid_accuracy03"] for h in stage1)
+    assert all(h["optimizer_steps"] >= 1 and h["samples"] > 0 for h in hist)
     assert not list(d.rglob("*.tmp*"))
 
 
@@ -110,10 +118,25 @@ def test_stage0_changes_only_the_head(control, env):
     ckpt.seed_everything(cfg.args.seed)
     init = build_model(cfg, for_init=True)
     head = head_parameter_names(init)
+    params = {n for n, _ in init.named_parameters()}
     init_body, init_head = split_head(init, head)
     body, head_w = split_head(control["after_stage0"], head)
-    assert same(body, init_body)                       # weights and BatchNorm statistics
+    weights_of = lambda sd: {k: v for k, v in sd.items() if k in params}   # noqa: E731
+    stats_of = lambda sd: {k: v for k, v in sd.items() if k.endswith("running_mean")}  # noqa: E731
+    assert same(weights_of(body), weights_of(init_body))   # backbone weights frozen
     assert not same(head_w, init_head)
+    # ... but its BatchNorm stayed in train mode, as in the reference: statistics moved
+    a, b = stats_of(body), stats_of(init_body)
+    assert a and all(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_control_reads_both_sites_of_every_well(control, env):
+    from shards import open_store
+    from train.data import selections
+    cfg = config(env, "control", env["root"] / "unused")
+    n_wells = len(selections(cfg, open_store(env["store"]).sites)[0])
+    hist = [json.loads(x) for x in (control["whole"] / "metrics.jsonl").read_text().splitlines()]
+    assert all(h["samples"] == 2 * n_wells for h in hist)
 
 
 def test_resume_after_kill_is_exact(control):
@@ -141,6 +164,73 @@ def test_finished_run_is_skipped(control, env):
     assert last.stat().st_mtime_ns == before
 
 
+def test_changed_config_is_refused_on_skip_and_on_resume(control, env, tmp_path):
+    logdir = control["whole"].parents[2]
+    r = run_cli(cli_args(env, logdir, extra=["--stages.data_params.batch_size=8"]))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "stages.data_params.batch_size: 16 there, 8 now" in r.stderr
+    assert "new --logdir" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    # where and how it runs may change
+    ok = run_cli(cli_args(env, logdir, extra=["--stages.data_params.num_workers=1"]))
+    assert ok.returncode == 0 and "skipping" in ok.stdout
+    # a run that stopped before finishing (its marker gone): resumed only if unchanged
+    import shutil
+    copy = tmp_path / "logs" / "control" / SUBSET / "test_resnet"
+    shutil.copytree(control["whole"], copy)
+    (copy / "checkpoints" / "finished.json").unlink()
+    with pytest.raises(ConfigError, match="args.seed: 0 there, 1 now"):
+        fit(config(env, "control", tmp_path / "logs", **{"args.seed": 1}))
+    out = fit(config(env, "control", tmp_path / "logs"))      # nothing left: marks it finished
+    assert not out["skipped"] and (copy / "checkpoints" / "finished.json").is_file()
+
+
+def test_divergence_stops_in_one_line_and_saves_nothing_of_that_epoch(env, tmp_path):
+    r = run_cli(cli_args(env, tmp_path, extra=[
+        "--stages.stage1.optimizer_params.lr=1e9", "--stages.stage1.scheduler_params.lr_range=[1e9,1e9]",
+        "--stages.stage1.state_params.num_epochs=2"]))
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged: control stage1 epoch 2")
+    assert "batch" in lines[0] and "loss" in lines[0]
+    run = tmp_path / "control" / SUBSET / "test_resnet"
+    assert ckpt.load(str(run / "checkpoints/best.pth"))["epoch"] == 1     # stage0's, not epoch 2's
+    assert ckpt.load(str(run / "checkpoints/last.pth"))["epoch"] == 1
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (run / "checkpoints/finished.json").exists()
+
+
+def test_truncated_shard_stops_in_one_line(env, tmp_path):
+    import glob
+    import shutil
+    store = tmp_path / "store"
+    shutil.copytree(env["store"], store)
+    tars = sorted(glob.glob(str(store / "**" / "*.tar"), recursive=True))
+    victim = tars[len(tars) // 2]
+    size = os.path.getsize(victim)
+    with open(victim, "r+b") as f:
+        f.truncate(size // 2)
+    args = cli_args(env, tmp_path / "logs")
+    args[args.index("--shards") + 1] = str(store)
+    r = run_cli(args)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert os.path.basename(victim) in lines[0] or "store" in lines[0]
+
+
+def test_train_csv_sirna_out_of_range_is_an_error_naming_the_row(env, tmp_path):
+    from shards import open_store
+    from train.data import selections
+    df = pd.read_csv(f"{env['csv']}/train_0.csv")
+    df.loc[3, "sirna"] = 5000
+    df.to_csv(tmp_path / "train_0.csv", index=False)
+    cfg = config(env, "finetune", tmp_path / "logs",
+                 **{"stages.data_params.train_csv": str(tmp_path / "train_{fold}.csv")})
+    with pytest.raises(ConfigError, match=r"train_0.csv, row 4 \(id_code .*\): sirna 5000 is "
+                                          r"neither a treatment"):
+        selections(cfg, open_store(env["store"]).sites)
+
+
 def test_finetune_starts_from_the_control_model(control, env):
     logdir = env["root"] / "ft"
     cfg = config(env, "finetune", logdir, **{
@@ -153,7 +243,9 @@ def test_finetune_starts_from_the_control_model(control, env):
     head = head_parameter_names(out["model"])
     ft_body, ft_head = split_head(weights(run / "checkpoints/last.pth"), head)
     ctl_body, ctl_head = split_head(ctl, head)
-    assert same(ft_body, ctl_body)
+    params = {n for n, _ in out["model"].named_parameters()}
+    assert same({k: v for k, v in ft_body.items() if k in params},       # frozen backbone weights
+                {k: v for k, v in ctl_body.items() if k in params})
     assert ft_head["fc.weight"].shape[0] == 1108 and ctl_head["fc.weight"].shape[0] == 31
 
     model, rc = load_for_inference(str(run / "checkpoints/best.pth"))
@@ -175,10 +267,10 @@ def test_control_of_another_channel_count_is_an_error(control, env):
                        dotted={"args.pretrained_control": cfg.args.pretrained_control,
                                "stages.data_params.train_csv": cfg.stages.data_params.train_csv,
                                "stages.data_params.valid_csv": cfg.stages.data_params.valid_csv})
-    with pytest.raises(ValueError, match=r"trained on 5 channels \[1, 2, 3, 4, 5\]; this run uses 4"):
+    with pytest.raises(ConfigError, match=r"trained on 5 channels \[1, 2, 3, 4, 5\]; this run uses 4"):
         fit(cfg4)
     missing = config(env, "finetune", env["root"] / "nothing_here")
-    with pytest.raises(FileNotFoundError, match="train it first"):
+    with pytest.raises(ConfigError, match="train it first"):
         fit(missing)
 
 
@@ -204,7 +296,7 @@ def test_pseudo_trains_on_pseudo_labelled_test_wells(control, env):
     out = fit(cfg)
     run = logdir / "pseudo" / SUBSET / "fold_0" / "test_resnet"
     assert (run / "checkpoints/best.pth").is_file() and (run / "curves.png").is_file()
-    assert out["history"][0]["n_train_images"] == len(train) + len(pseudo)  # one site per well
+    assert out["history"][0]["samples"] == len(train) + len(pseudo)  # one site per well
 
 
 TORCHRUN_SCRIPT = """
@@ -240,14 +332,26 @@ def test_torchrun_two_cpu_ranks_stay_identical(env, tmp_path):
     assert (run / "checkpoints/last.pth").is_file()
     hist = a["history"]
     assert len(hist) == 2 and hist[-1]["step"] > 0
-    # each rank read its own half: together one site of every training well
-    sel = load_config("control", "configs/control.yml", shards=env["store"], dotted={
-        "stages.data_params.valid_csv": env["csv"] + "/valid_{fold}.csv"})
+    # each rank read its own half: together both sites of every training well, once
     from shards import open_store
     from train.data import selections
-    n_train = len(selections(sel, open_store(env["store"]).sites)[0])
-    assert n_train - 16 < hist[0]["n_train_images"] <= n_train
-    cfg = config(env, "control", tmp_path / "unused")
-    ckpt.seed_everything(cfg.args.seed)
-    init = build_model(cfg, for_init=True)
+    one = config(env, "control", tmp_path / "single", **{
+        "stages.data_params.batch_size": 8, "stages.stage1.state_params.num_epochs": 1})
+    n_sites = 2 * len(selections(one, open_store(env["store"]).sites)[0])
+    assert [h["samples"] for h in hist] == [n_sites, n_sites]
+    # batch_size is global: one process on the same data takes the same optimizer steps
+    # per epoch with the same samples per step
+    single = fit(one)["history"]
+    assert [h["optimizer_steps"] for h in single] == [h["optimizer_steps"] for h in hist]
+    assert [h["samples"] for h in single] == [h["samples"] for h in hist]
+    ckpt.seed_everything(one.args.seed)
+    init = build_model(one, for_init=True)
     assert not same(init.state_dict(), a["state"])
+
+
+def test_global_batch_must_divide_by_the_processes():
+    from common.distributed import Dist
+    from train.data import per_rank_batch
+    assert per_rank_batch(64, Dist(0, 8, 0), "batch_size") == 8
+    with pytest.raises(ConfigError, match="batch_size 30 is the global batch.*4 processes"):
+        per_rank_batch(30, Dist(0, 4, 0), "batch_size")

@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 import torch
 
+from common.well_logits import WellMeans
 from train.config import ConfigError, load_config
 from train.models import (classifier_name, create_model, first_conv_name, head_parameter_names,
                           n_input_channels, widen_first_conv)
@@ -21,7 +22,11 @@ def test_configs_carry_the_reference_values(part):
     assert cfg.model_params.model_name == "se_resnext50_32x4d"
     assert cfg.model_params.n_channels == 5 and cfg.channels == (1, 2, 3, 4, 5)
     assert cfg.model_params.num_classes == (31 if part == "control" else 1108)
-    assert (dp.batch_size, sp.accumulation_steps) == ((32, 4) if part == "control" else (64, 2))
+    # accumulation as catalyst ran it: a step every batch (configured 2), every 3rd (configured 4)
+    assert (dp.batch_size, sp.accumulation_steps) == ((32, 3) if part == "control" else (64, 1))
+    assert dp.sites == ("two" if part == "control" else "random")
+    assert cfg.model_params.pretrained == "imagenet" and cfg.model_params.drop_rate == 0.3
+    assert (dp.channel_dropout, dp.shear_deg, dp.shear_p) == (0.5, 10.0, 0.5)
     assert sp.main_metric == "accuracy03" and sp.minimize_metric is False
     assert cfg.stages.criterion_params.criterion == "LabelSmoothingCrossEntropy"
     assert dp.image_size == 512 and dp.num_workers == 8 and dp.drop_last is False
@@ -129,9 +134,10 @@ def test_first_conv_widening_copies_and_repeats_rgb():
 
 def test_reference_names_map_to_timm_models():
     m = create_model("cell_senet", model_name="se_resnext50_32x4d", num_classes=31, n_channels=5)
-    assert m.pretrained_cfg["architecture"] == "seresnext50_32x4d"
+    assert m.pretrained_cfg["architecture"] == "legacy_seresnext50_32x4d"   # the exact port
     assert n_input_channels(m) == 5 and m.get_classifier().out_features == 31
-    assert head_parameter_names(m) == {"fc.weight", "fc.bias"}
+    assert head_parameter_names(m) == {"last_linear.weight", "last_linear.bias"}
+    assert "layer0.conv1.weight" in m.state_dict()    # the reference's module names
     d = create_model("cell_densenet", num_classes=1108, n_channels=6)
     assert n_input_channels(d) == 6 and classifier_name(d) == "classifier"
     with pytest.raises(ValueError, match="unknown timm model"):
@@ -166,14 +172,46 @@ def test_local_pretrained_file(tmp_path, fmt):
 
 
 def test_pretrained_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(ConfigError, match="does not exist.*none"):
         create_model("cell_timm", model_name="test_resnet", num_classes=3, n_channels=5,
                      pretrained=str(tmp_path / "missing.pth"))
     import timm
     torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ConfigError, match="does not fit"):
         create_model("cell_timm", model_name="test_resnet", num_classes=3, n_channels=5,
                      pretrained=str(tmp_path / "other.pth"))
+    with pytest.raises(ConfigError, match="weights file .*missing.pth does not exist"):
+        load_config("control", "configs/control.yml",
+                    dotted={"model_params.pretrained": str(tmp_path / "missing.pth")})
+
+
+def test_imagenet_weights_unreachable_stop_naming_the_three_ways(tmp_path, monkeypatch):
+    # Nothing cached and no hub: the stop comes before any training, in one line.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    import huggingface_hub.constants as hc
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ConfigError) as e:
+        create_model("cell_timm", model_name="test_resnet", num_classes=3, n_channels=5,
+                     pretrained="imagenet")
+    msg = str(e.value)
+    assert "cannot be had" in msg and "pretrained to a local RGB weights file" in msg
+    assert "pretrained: none" in msg and "cache" in msg
+
+
+def test_dropout_before_the_last_linear_in_train_mode_only():
+    torch.manual_seed(0)
+    m = create_model("cell_senet", model_name="se_resnext50_32x4d", num_classes=4, n_channels=5,
+                     drop_rate=0.3)
+    feats = torch.randn(8, m.num_features)
+    m.train()
+    a, b = m.forward_head(feats[:, :, None, None]), m.forward_head(feats[:, :, None, None])
+    assert not torch.equal(a, b)                      # dropout active: two draws differ
+    m.eval()
+    c = m.forward_head(feats[:, :, None, None])
+    assert torch.allclose(c, m.get_classifier()(feats), atol=1e-6)   # eval: Linear alone
 
 
 # ------------------------------------------------------------------ schedules
@@ -189,7 +227,8 @@ def test_one_cycle_warmup_anneal_and_momentum():
         moms.append(opt.param_groups[0]["betas"][0])
         opt.step()
         sch.step()
-    assert lrs[0] == pytest.approx(1e-4) and moms[0] == pytest.approx(0.95)
+    # momentum starts from the optimizer's own beta1 (0.9), as catalyst's warm-up did
+    assert lrs[0] == pytest.approx(1e-4) and moms[0] == pytest.approx(0.9)
     assert max(lrs) == pytest.approx(5e-4) and lrs.index(max(lrs)) == 10   # end of warmup epoch
     assert moms[10] == pytest.approx(0.85)                                  # momentum inverse
     assert lrs[-1] == pytest.approx(1e-5) and moms[-1] == pytest.approx(0.95)
@@ -202,19 +241,135 @@ def test_one_cycle_warmup_anneal_and_momentum():
     assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
+def test_reference_schedule_facts():
+    """The reference's stage1: 40 epochs x 450 batches, lr_range [5e-4, 1e-5], warm-up 5,
+    momentum [0.85, 0.95], from Nadam lr 1e-4 (beta1 0.9)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = make_optimizer([p], "Nadam", lr=1e-4)
+    sch = make_scheduler(opt, steps_per_epoch=450, scheduler="OneCycleLR", num_steps=40,
+                         lr_range=[5e-4, 1e-5], warmup_steps=5, momentum_range=[0.85, 0.95])
+    lrs, moms = [], []
+    for _ in range(40 * 450):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["betas"][0])
+        sch.step()
+    lrs, moms = np.array(lrs).reshape(40, 450), np.array(moms).reshape(40, 450)
+    assert lrs[0].mean() == pytest.approx(1.399e-4, rel=1e-3)
+    assert lrs[5].mean() == pytest.approx(4.930e-4, rel=1e-3)
+    assert lrs[39].mean() == pytest.approx(1.698e-5, rel=1e-3)
+    assert moms[0, 0] == pytest.approx(0.900) and moms[1, 0] == pytest.approx(0.890)
+    assert moms[5, 0] == pytest.approx(0.85) and moms[39, -1] == pytest.approx(0.95)
+
+
+def test_accumulation_cadence_steps_every_nth_batch():
+    """With accumulation_steps 3 (the reference's Part I as it ran), 10 batches give
+    steps after batches 3, 6, 9 and 10 (the epoch's short last group)."""
+    from common.distributed import Dist
+    from train.recipe import train_one_epoch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,)), torch.arange(4))
+               for _ in range(10)]
+    opt = make_optimizer(model.parameters(), "SGD", lr=0.1)
+    sch = make_scheduler(opt, 4, "OneCycleLR", num_steps=2, lr_range=[0.1, 0.01], warmup_steps=1)
+    snapshots = []
+    orig = opt.step
+
+    def step(*a, **k):
+        snapshots.append(len(seen))
+        return orig(*a, **k)
+    opt.step = step
+    seen = []
+
+    class Loader(list):
+        def __iter__(self):
+            for b in list.__iter__(self):
+                seen.append(1)
+                yield b
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    out = train_one_epoch(model, Loader(batches), 10, opt, sch, scaler, torch.nn.CrossEntropyLoss(),
+                          3, torch.device("cpu"), None, False, Dist(), "test", False, 1e3)
+    assert snapshots == [3, 6, 9, 10]
+    assert out["optimizer_steps"] == 4 and out["samples"] == 40 and sch.step_count == 4
+
+
+def test_amp_auto_is_fp32_on_a_cpu_without_native_bf16():
+    from common.precision import amp_dtype, cpu_has_native_bf16
+    cfg = load_config("control", "configs/control.yml", overrides="configs/tiny.yml")
+    assert cfg.args.amp == "auto"
+    dtype = amp_dtype(cfg.args.amp, torch.device("cpu"))
+    assert dtype == (torch.bfloat16 if cpu_has_native_bf16() else None)
+    demo = load_config("finetune", "configs/finetune.yml", overrides="configs/demo.yml")
+    assert demo.args.amp == "auto" and demo.model_params.pretrained == "none"
+
+
 # ------------------------------------------------------------------ validation metric
 
 def test_well_metrics_average_the_two_sites():
-    sites = pd.DataFrame({"row": [0, 1, 2, 3], "id_code": ["A_1_B02", "A_1_B02", "A_1_B03", "A_1_B03"]})
+    # Two wells, two sites each, read in two batches as the loader does (no repeats).
+    sites = pd.DataFrame({"id_code": ["A_1_B02", "A_1_B02", "A_1_B03", "A_1_B03"]})
+    from common.well_logits import well_index
+    wells = ["A_1_B02", "A_1_B03"]
+    labels = np.array([0, 2])
     # Well B02 (label 0): site 1 says class 1 weakly, site 2 class 0 strongly -> mean is class 0.
     logits = np.array([[0, 1, 0], [3, 0, 0], [0, 0, 2], [0, 0, 2]], np.float32)
-    labels = np.array([0, 0, 2, 2])
-    rows = np.array([0, 1, 2, 3])
-    m = well_metrics(rows, logits, labels, sites)
-    assert m["n_valid_wells"] == 2 and m["valid_accuracy01"] == 1.0
-    # a padded batch repeating row 0 must not change the average
-    m2 = well_metrics(np.r_[rows, 0, 0], np.r_[logits, logits[:1], logits[:1]], np.r_[labels, 0, 0], sites)
-    assert m2["valid_accuracy01"] == 1.0 and m2["n_valid_sites"] == 4
-    # per-site voting would get site 1 of B02 wrong: the top-1 is a per-well figure
-    m3 = well_metrics(rows[[0, 2]], logits[[0, 2]], labels[[0, 2]], sites)
+    means = WellMeans(well_index(sites["id_code"].to_numpy(), wells), 2)
+    means.add(np.array([0, 2]), logits[[0, 2]])
+    means.add(np.array([1, 3]), logits[[1, 3]])
+    m = well_metrics(means, labels)
+    assert m["n_valid_wells"] == 2 and m["n_valid_sites"] == 4
+    assert m["valid_accuracy01"] == 1.0
+    expected = torch.nn.functional.cross_entropy(torch.tensor([[1.5, 0.5, 0], [0, 0, 2]]),
+                                                 torch.tensor([0, 2])).item()
+    assert m["valid_loss"] == pytest.approx(expected, rel=1e-6)
+    # per-site voting would get site 1 of B02 wrong: with only that site the well is wrong
+    one = WellMeans(well_index(sites["id_code"].to_numpy(), wells), 2)
+    one.add(np.array([0, 2]), logits[[0, 2]])
+    m3 = well_metrics(one, labels)
     assert m3["valid_accuracy01"] == 0.5 and m3["valid_accuracy03"] == 1.0
+    # a well the loader never delivered is an error, not a silent 0
+    empty = WellMeans(well_index(sites["id_code"].to_numpy(), wells), 2)
+    empty.add(np.array([0]), logits[[0]])
+    with pytest.raises(RuntimeError, match="1 validation wells got no site"):
+        well_metrics(empty, labels)
+
+
+# ------------------------------------------------------------------ CLI and re-runs
+
+def test_config_paths_resolve_from_the_project(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)     # neither configs/ file exists from here
+    cfg = load_config("control", "configs/control.yml", overrides="configs/tiny.yml")
+    assert cfg.model_params.model_name == "test_resnet"
+    with pytest.raises(ConfigError, match="nope.yml does not exist"):
+        load_config("control", "configs/nope.yml")
+
+
+def test_cli_help_from_another_directory(tmp_path):
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "train", "control", "--help"], cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "Part I" in r.stdout and "--channels" in r.stdout
+
+
+def test_logdir_that_is_a_file_is_named(tmp_path):
+    f = tmp_path / "logs"
+    f.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"args.logdir .*logs is a file"):
+        load_config("control", "configs/control.yml", logdir=str(f))
+
+
+def test_changed_keys_ignore_where_a_run_executes():
+    from train.config import changed_keys
+    a = load_config("finetune", "configs/finetune.yml", logdir="A").to_dict()
+    harmless = load_config("finetune", "configs/finetune.yml", logdir="B", dotted={
+        "stages.data_params.num_workers": 0, "args.progress": False, "args.device": "cpu"})
+    assert changed_keys(a, harmless.to_dict()) == []
+    other = load_config("finetune", "configs/finetune.yml", logdir="A", dotted={
+        "stages.data_params.batch_size": 32, "args.seed": 1, "stages.stage1.optimizer_params.lr": 1e-3})
+    assert [k for k, _, _ in changed_keys(a, other.to_dict())] == [
+        "args.seed", "stages.data_params.batch_size", "stages.stage1.optimizer_params.lr"]

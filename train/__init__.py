@@ -38,12 +38,12 @@ def load_for_inference(checkpoint_path, device="cpu"):
     import os
     import torch
     from train import checkpoint as ckpt
-    from train.config import LABEL_OFFSET_OF_PART
+    from train.config_schema import LABEL_OFFSET_OF_PART
     from train.models import create_model, timm_name
 
     ck = ckpt.load(checkpoint_path)
     cfg = ck["config"]
-    params = dict(cfg["model_params"], pretrained=None)
+    params = dict(cfg["model_params"], pretrained="none")
     model = create_model(**params)
     model.load_state_dict(ck["model_state_dict"])
     model.to(torch.device(device)).eval()

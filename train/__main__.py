@@ -1,16 +1,16 @@
-"""`python -m train control|finetune|pseudo --config configs/<part>.yml [options] [--dotted.key=value ...]`
+"""`python -m train control|finetune|pseudo [--config configs/<part>.yml] [options] [--dotted.key=value ...]`
 
-Options: --channels "[1,2,3,4,5]"|all   --fold 0|all   --model-name NAME   --logdir DIR
-         --shards DIR (the store)   --overrides configs/tiny.yml (YAML merged on top)
-         --n-folds 5 (for --fold all)
+Options: --channels "[1,2,3,4,5]"|"[1,2,3,4,5];[1,2,3,5,6]"|all   --fold 0|0,1|all
+         --model-name NAME   --logdir DIR   --shards DIR (the store)
+         --overrides configs/tiny.yml (YAML merged on top)   --n-folds 5 (for --fold all)
 Any other --a.b.c=value sets that config key, e.g. --stages.data_params.batch_size=8.
+Config paths are read from the working directory, else from the project.
 Multi-GPU / multi-node: torchrun --nproc_per_node=N -m train finetune ...
+(stages.data_params.batch_size is the global batch: each process takes batch_size / N).
 """
-import sys
-
 import fire
 
-from train.config import ConfigError
+from common.errors import run_cli
 
 
 def _command(part):
@@ -20,13 +20,9 @@ def _command(part):
         if dotted.pop("help", None) or dotted.pop("h", None):
             print(command.__doc__)   # **dotted would otherwise swallow --help
             return
-        try:
-            run(part, config, channels=channels, fold=fold, model_name=model_name, logdir=logdir,
-                shards=shards, overrides=overrides, n_folds=n_folds, dotted=dotted)
-        except (ConfigError, FileNotFoundError, ValueError, LookupError) as e:
-            # Bad input (config, paths, store, checkpoints): the message says what; no traceback.
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        run_cli(lambda: run(part, config, channels=channels, fold=fold, model_name=model_name,
+                            logdir=logdir, shards=shards, overrides=overrides, n_folds=n_folds,
+                            dotted=dotted))
     command.__name__ = part
     command.__doc__ = {
         "control": "Part I: 31 control siRNAs on the control wells of train and test.",

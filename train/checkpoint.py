@@ -10,39 +10,45 @@ the resolved config and the metrics of its epoch — what inference needs.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 
 import numpy as np
 import torch
+
+from common.errors import BadInput
+from shards.atomic import write_atomic
 
 FORMAT = "cellshard-train"
 FORMAT_VERSION = 1
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary name, fsync, rename: a kill never leaves half a file."""
+class CheckpointError(BadInput):
+    """A checkpoint file that is missing, damaged or not one of ours; the message names it."""
+
+
+def save(obj, path: str) -> None:
+    """torch.save through the one atomic write, fsynced (durable): neither a kill nor a
+    machine crash leaves half a checkpoint under its name."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), durable=True)
 
 
 def load(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         ck = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # a truncated or foreign file
-        raise ValueError(f"checkpoint {path} cannot be read: {e}") from None
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or not a torch "
+                              f"file): {e}") from None
     if not isinstance(ck, dict) or ck.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a cellshard training checkpoint "
-                         f"(format {ck.get('format') if isinstance(ck, dict) else type(ck).__name__!r})")
+        raise CheckpointError(f"{path} is not a cellshard training checkpoint (format "
+                              f"{ck.get('format') if isinstance(ck, dict) else type(ck).__name__!r})")
     if ck.get("format_version", 0) > FORMAT_VERSION:
-        raise ValueError(f"{path} has checkpoint format version {ck['format_version']}; "
-                         f"this cellshard reads up to {FORMAT_VERSION}")
+        raise CheckpointError(f"{path} has checkpoint format version {ck['format_version']}; "
+                              f"this cellshard reads up to {FORMAT_VERSION}")
     return ck
 
 
@@ -66,12 +72,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def is_finished(run_dir: str) -> bool:
-    """A run is complete when its `finished.json` marker and best.pth exist.
-
-    The marker is written (atomically) after the final last.pth, so reading
-    it is enough; no need to load a large checkpoint to skip a run."""
-    ck = os.path.join(run_dir, "checkpoints")
-    return os.path.isfile(os.path.join(ck, "finished.json")) and os.path.isfile(os.path.join(ck, "best.pth"))

@@ -4,23 +4,27 @@ The reference builds `cell_senet` (se_resnext50_32x4d / se_resnext101_32x4d)
 and `cell_densenet` (densenet121) from ImageNet weights and widens the first
 convolution to `n_channels`: the three RGB filters are copied and repeated
 into the extra input channels (channel i gets RGB filter i mod 3), unscaled as
-in the reference.  Here weights never come from the network: `pretrained` is
-a local file holding an RGB (3-channel) state dict, or None for random init.
+in the reference.  `pretrained`: "imagenet" (timm's own weights, from the hub
+or timm's cache), a path to a local RGB weights file (loaded by timm through
+`pretrained_cfg_overlay=dict(file=...)`), or "none"/None for random init.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn as nn
 import timm
 
-# Reference (pretrainedmodels) names -> timm names.
+from train.config_schema import ConfigError
+
+# Reference (pretrainedmodels) names -> timm names: timm's legacy SENet is the exact
+# port (same module names: layer0, last_linear), so the reference's weight files load.
 ALIASES = {
-    "se_resnext50_32x4d": "seresnext50_32x4d",
-    "se_resnext101_32x4d": "seresnext101_32x4d",
+    "se_resnext50_32x4d": "legacy_seresnext50_32x4d",
+    "se_resnext101_32x4d": "legacy_seresnext101_32x4d",
 }
-_STATE_DICT_KEYS = ("model_state_dict", "state_dict", "model", "state_dict_ema")
+WEIGHTS_HELP = ("make timm's download reachable (or pre-fill its cache: HF_HOME / TORCH_HOME), "
+                "or set model_params.pretrained to a local RGB weights file, "
+                "or set model_params.pretrained: none (random init)")
 
 
 def timm_name(model_name: str) -> str:
@@ -45,20 +49,44 @@ def cell_timm(model_name, num_classes=1108, n_channels=6, pretrained=None,
               drop_rate=0.0) -> nn.Module:
     """Any timm classifier with its first conv widened to `n_channels`.
 
-    Built as the RGB model first so that an RGB weights file loads unchanged,
-    then widened, then given a fresh `num_classes` head (ImageNet has 1000).
+    Built as the RGB ImageNet model first (3 inputs, its own head) so that timm
+    loads RGB weights strictly, then widened, then given a fresh `num_classes`
+    head.  `drop_rate`: timm's dropout before the classifier (train mode only).
     """
     name = timm_name(model_name)
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm model {model_name!r}"
+        raise ConfigError(f"unknown timm model {model_name!r}"
                          + (f" (alias of {name!r})" if name != model_name else "")
                          + "; see timm.list_models()")
-    model = timm.create_model(name, pretrained=False, in_chans=3, drop_rate=drop_rate)
-    if pretrained:
-        load_rgb_weights(model, pretrained)
+    model = _create_rgb(name, pretrained, drop_rate)
     widen_first_conv(model, n_channels)
     model.reset_classifier(num_classes)
     return model
+
+
+def _create_rgb(name: str, pretrained, drop_rate: float) -> nn.Module:
+    if pretrained in (None, "none", False):
+        return timm.create_model(name, pretrained=False, in_chans=3, drop_rate=drop_rate)
+    if pretrained == "imagenet":
+        cfg = timm.models.get_pretrained_cfg(name)
+        if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+            raise ConfigError(f"model_params.pretrained imagenet: timm knows no ImageNet weights "
+                              f"for {name}; {WEIGHTS_HELP}")
+        try:
+            return timm.create_model(name, pretrained=True, in_chans=3, drop_rate=drop_rate)
+        except OSError as e:   # no network and nothing cached (URLError, hub errors are OSErrors)
+            raise ConfigError(f"model_params.pretrained imagenet: the ImageNet weights of {name} "
+                              f"cannot be had ({type(e).__name__}: {e}); {WEIGHTS_HELP}") from None
+    try:
+        return timm.create_model(name, pretrained=True, in_chans=3, drop_rate=drop_rate,
+                                 pretrained_cfg_overlay=dict(file=str(pretrained)))
+    except FileNotFoundError:
+        raise ConfigError(f"model_params.pretrained: weights file {pretrained} does not exist; "
+                          f"{WEIGHTS_HELP}") from None
+    except (RuntimeError, ValueError, KeyError) as e:  # a foreign or damaged state dict
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"model_params.pretrained: {pretrained} does not fit {name} "
+                          f"(an RGB {name} state dict is expected): {first}") from None
 
 
 FACTORIES = {"cell_senet": cell_senet, "cell_densenet": cell_densenet, "cell_timm": cell_timm}
@@ -67,7 +95,7 @@ FACTORIES = {"cell_senet": cell_senet, "cell_densenet": cell_densenet, "cell_tim
 def create_model(model: str = "cell_senet", **params) -> nn.Module:
     """`model_params` of a config -> nn.Module (the reference's `model:` + its arguments)."""
     if model not in FACTORIES:
-        raise ValueError(f"unknown model factory {model!r}; valid: {sorted(FACTORIES)}")
+        raise ConfigError(f"unknown model factory {model!r}; valid: {sorted(FACTORIES)}")
     return FACTORIES[model](**params)
 
 
@@ -128,45 +156,3 @@ def widen_first_conv(model: nn.Module, n_channels: int) -> nn.Module:
         new.bias.copy_(old.bias)
     _set_module(model, name, new)
     return model
-
-
-def read_state_dict(path: str) -> dict:
-    """A state dict from a .pth/.pt/.bin (optionally wrapped) or .safetensors file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pretrained weights file {path} does not exist "
-                                "(weights are read from a local file; nothing is downloaded)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        sd = load_file(path)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(sd, dict):
-        for k in _STATE_DICT_KEYS:
-            if k in sd and isinstance(sd[k], dict):
-                sd = sd[k]
-                break
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
-
-
-def load_rgb_weights(model: nn.Module, path: str) -> None:
-    """Load an RGB model's weights; the classifier is skipped when its shape differs
-    (an ImageNet head is replaced anyway).  Anything else missing is an error."""
-    sd = read_state_dict(path)
-    own = model.state_dict()
-    head = classifier_name(model) + "."
-    sd = {k: v for k, v in sd.items()
-          if not (k.startswith(head) and k in own and own[k].shape != v.shape)}
-    conv_w = first_conv_name(model) + ".weight"
-    if conv_w in sd and conv_w in own and sd[conv_w].shape[1] != own[conv_w].shape[1]:
-        raise ValueError(f"{path}: first conv {conv_w} has {sd[conv_w].shape[1]} input channels; "
-                         "expected an RGB (3-channel) checkpoint")
-    shape = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in sd and not k.startswith(head)]
-    unexpected = [k for k in sd if k not in own]
-    if missing or unexpected or shape:
-        raise ValueError(f"{path} does not fit {model.pretrained_cfg.get('architecture')}: "
-                         f"{len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected "
-                         f"{unexpected[:3]}, {len(shape)} of another shape {shape[:3]}")
-    model.load_state_dict(sd, strict=False)

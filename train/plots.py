@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from shards.atomic import write_atomic
+
 
 def plot_curves(history: list[dict], path: str) -> None:
     if not history:
@@ -34,7 +36,7 @@ def plot_curves(history: list[dict], path: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(os.path.dirname(path) if os.path.dirname(path) else path, fontsize=9)
     fig.tight_layout()
-    tmp = f"{path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=90))
+    finally:
+        plt.close(fig)

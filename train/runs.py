@@ -7,30 +7,11 @@ skipped, a killed one resumes.
 """
 from __future__ import annotations
 
-from shards.layout import FIVE_CHANNEL_SUBSETS, parse_channels
+import os
 
+from common import run_layout
+from common.arglists import parse_folds, parse_subsets
 from train.config import ConfigError, load_config
-
-
-def expand_channels(channels):
-    if channels is None:
-        return [None]
-    if isinstance(channels, str) and channels.strip().lower() == "all":
-        return [list(c) for c in FIVE_CHANNEL_SUBSETS]
-    try:
-        return [list(parse_channels(channels))]
-    except ValueError as e:
-        raise ConfigError(f"--channels: {e} (or 'all' for the six five-channel subsets)") from None
-
-
-def expand_folds(part, fold, n_folds):
-    if fold is None:
-        return [None]
-    if isinstance(fold, str) and fold.strip().lower() == "all":
-        return [None] if part == "control" else list(range(int(n_folds)))
-    if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
-        raise ConfigError(f"--fold must be an integer >= 0 or 'all', got {fold!r}")
-    return [fold]
 
 
 def run(part, config=None, *, channels=None, fold=None, model_name=None, logdir=None,
@@ -38,19 +19,22 @@ def run(part, config=None, *, channels=None, fold=None, model_name=None, logdir=
     """Resolve every (channels, fold) config, then train them one after another."""
     from train.recipe import fit
 
+    subsets = [None] if channels is None else [list(s) for s in parse_subsets(channels, "--channels")]
+    if fold is None or (part == "control" and str(fold).strip().lower() == "all"):
+        folds = [None]       # control has no folds; None keeps the config's args.fold
+    else:
+        folds = parse_folds(fold, n_folds, "--fold")
     cfgs = [load_config(part, config, overrides=overrides, channels=ch, fold=f,
                         model_name=model_name, logdir=logdir, shards=shards, dotted=dotted)
-            for ch in expand_channels(channels) for f in expand_folds(part, fold, n_folds)]
+            for ch in subsets for f in folds]
     if part != "control":
         # Fail before the first of many runs, not hours into the loop.
-        import os
-        from train.checkpoint import is_finished
         lacking = [c.args.pretrained_control for c in cfgs
-                   if not is_finished(c.run_dir)
-                   and not os.path.isfile(os.path.join(c.run_dir, "checkpoints", "last.pth"))
+                   if not run_layout.is_finished(c.run_dir)
+                   and not os.path.isfile(run_layout.checkpoint_path(c.run_dir, run_layout.LAST))
                    and not os.path.isfile(c.args.pretrained_control)]
         if lacking:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"{len(lacking)} run(s) start from control checkpoints that do not exist, e.g. "
                 f"{lacking[0]}; train Part I first (python -m train control --channels ...) "
                 "or set args.pretrained_control")

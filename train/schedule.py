@@ -26,9 +26,10 @@ def make_optimizer(params, optimizer="Nadam", lr=1e-4, weight_decay=0.0):
 class OneCycleWithWarmup:
     """Linear warmup from the optimizer's lr to lr_range[0] over `warmup_steps`
     epochs, then linear annealing to lr_range[1] by the end of `num_steps`
-    epochs; momentum (beta1 for Adam-type optimizers) moves the other way
-    between momentum_range[1] and momentum_range[0].  Steps past the end hold
-    the final values."""
+    epochs.  Momentum (beta1 for Adam-type optimizers) moves the other way: in
+    the warm-up from the optimizer's own value (Nadam's 0.9, as catalyst read
+    it) to momentum_range[0], then up to momentum_range[1].  Steps past the end
+    hold the final values."""
 
     per_step = True
 
@@ -40,20 +41,22 @@ class OneCycleWithWarmup:
         self.lr_max, self.lr_min = float(lr_range[0]), float(lr_range[1])
         self.m_min, self.m_max = float(momentum_range[0]), float(momentum_range[1])
         self.init_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.init_moms = [g["betas"][0] if "betas" in g else g.get("momentum", self.m_max)
+                          for g in optimizer.param_groups]
         self.step_count = 0
         self._apply()
 
-    def values(self, t: int, init_lr: float) -> tuple[float, float]:
+    def values(self, t: int, init_lr: float, init_m: float) -> tuple[float, float]:
         if t < self.warmup:
             f = t / self.warmup
-            return init_lr + (self.lr_max - init_lr) * f, self.m_max + (self.m_min - self.m_max) * f
+            return init_lr + (self.lr_max - init_lr) * f, init_m + (self.m_min - init_m) * f
         span = max(1, self.total - self.warmup - 1)
         f = min(1.0, (t - self.warmup) / span)
         return self.lr_max + (self.lr_min - self.lr_max) * f, self.m_min + (self.m_max - self.m_min) * f
 
     def _apply(self):
-        for g, init in zip(self.optimizer.param_groups, self.init_lrs):
-            lr, mom = self.values(self.step_count, init)
+        for g, init, init_m in zip(self.optimizer.param_groups, self.init_lrs, self.init_moms):
+            lr, mom = self.values(self.step_count, init, init_m)
             g["lr"] = lr
             if "betas" in g:
                 g["betas"] = (mom, g["betas"][1])
@@ -68,11 +71,13 @@ class OneCycleWithWarmup:
         return [g["lr"] for g in self.optimizer.param_groups]
 
     def state_dict(self):
-        return {"step_count": self.step_count, "init_lrs": list(self.init_lrs)}
+        return {"step_count": self.step_count, "init_lrs": list(self.init_lrs),
+                "init_moms": list(self.init_moms)}
 
     def load_state_dict(self, state):
         self.step_count = int(state["step_count"])
         self.init_lrs = list(state["init_lrs"])
+        self.init_moms = list(state.get("init_moms", self.init_moms))
         self._apply()
 
 
