@@ -2,7 +2,8 @@
 
 Averaging is hierarchical, as in the reference: the channel subsets of one fold
 and model are averaged, then the folds of a model, then the models; every extra
-logit file (`--extra-logits`, rows in test.csv order) counts as one more model.
+logit file (`--extra-logits`, rows in the source's test order: test.csv, or the
+release's metadata.csv) counts as one more model.
 The average is softmaxed (after dividing by `temperature`), each test plate's
 siRNA group is inferred (`infer.groups`) and its wells are assigned one-to-one
 to that group's siRNAs (`infer.assign`).
@@ -161,7 +162,8 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
 
 
 def order_like_sample(sub: pd.DataFrame, data_dir) -> pd.DataFrame:
-    """Rows in sample_submission.csv order (test.csv order when there is none)."""
+    """Rows in sample_submission.csv order; without one (the release layout has none) in
+    the source's test order (test.csv, or metadata.csv), which is `sub`'s own."""
     path = os.path.join(str(data_dir), "sample_submission.csv")
     if not os.path.isfile(path):
         return sub

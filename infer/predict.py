@@ -15,9 +15,10 @@ site from the experiment names, through the model's own `cell_types_of_rows`.
 The TTA default is the run's: `predict_params.tta` of its config, else 8 for
 a run of the plus recipe (`plus: true`), else 1; `--tta` overrides it.
 
-Row order: test = test.csv (with --data-dir; without it the store's
-experiment/plate/well order, which is test.csv's in the Kaggle and synthetic
-data); valid = the run's valid CSV.
+Row order: test = the data directory's (with --data-dir: test.csv's rows, or
+the release metadata.csv's; without it the store's experiment/plate/well
+order, which is the source's in the Kaggle and synthetic data); valid = the
+run's valid CSV.
 
 Under torchrun every rank reads its own part of the store; per-well sums and
 site counts are all-reduced and rank 0 writes.  A padded last batch repeats
@@ -46,6 +47,7 @@ from infer.predictions import PRED_FILE, pred_dir, write_predictions
 from infer.wells import experiments_of, int_column, load_test_wells
 from shards.layout import CONTROL_BASE, N_SIRNAS, N_TREATMENTS
 from shards.metadata import read_csv_checked
+from shards.source_layout import wells_file
 
 TTA_CHOICES = (1, 2, 8)
 
@@ -114,7 +116,8 @@ def check_run_config(run: Run, rc: dict, model_name: str) -> None:
 # ------------------------------------------------------------------ wells
 
 def test_selection(store_sites: pd.DataFrame, data_dir=None) -> pd.DataFrame:
-    """Test treatment wells (id_code, experiment, label=-1) in test.csv / store order."""
+    """Test treatment wells (id_code, experiment, label=-1) in the data directory's order
+    (test.csv, or the release's metadata.csv) with `data_dir`, else in store order."""
     sites = store_sites[(store_sites["split"] == "test") & (store_sites["well_type"] == "treatment")]
     wells = sites.drop_duplicates("id_code")[["id_code", "experiment"]]
     if wells.empty:
@@ -124,10 +127,11 @@ def test_selection(store_sites: pd.DataFrame, data_dir=None) -> pd.DataFrame:
         in_store = set(wells["id_code"])
         missing = [c for c in order if c not in in_store]
         if missing or len(order) != len(wells):
-            raise InferError(f"{data_dir}/test.csv and the store disagree: {len(missing)} test "
+            listed = wells_file(data_dir, "test")
+            raise InferError(f"{listed} and the store disagree: {len(missing)} test "
                              f"well(s) not in the store (e.g. {missing[:3]}), store has "
-                             f"{len(wells)} test wells, test.csv {len(order)}; pack the store "
-                             "from this data directory")
+                             f"{len(wells)} test wells, {os.path.basename(listed)} {len(order)}; "
+                             "pack the store from this data directory")
         wells = wells.set_index("id_code").loc[order.to_numpy()].reset_index()
     return wells.assign(label=np.int64(-1)).reset_index(drop=True)
 

@@ -181,5 +181,5 @@ def load_logits(path: str, ids: Sequence[str], ids_path: str | None = None,
         arr = arr[[pos[c] for c in ids]]
     elif len(arr) != len(ids):
         raise InferError(f"{path}: {len(arr)} rows but there are {len(ids)} wells "
-                         "(rows must follow test.csv order)")
+                         "(rows must follow the data directory's test order: test.csv, or metadata.csv)")
     return arr.astype(np.float32, copy=False)

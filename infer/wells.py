@@ -1,8 +1,7 @@
-"""The well tables inference works on: the test wells in test.csv order, and wells parsed
-from id_codes. Below predict and ensemble alike (both need the test-well order)."""
+"""The well tables inference works on: the test wells in the source's order, and wells
+parsed from id_codes. Below predict and ensemble alike (both need the test-well order)."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
@@ -10,17 +9,14 @@ import pandas as pd
 
 from infer import InferError
 from shards.layout import cell_type_of, parse_id_code
-from shards.metadata import load_wells, read_csv_checked
+from shards.metadata import source_test_ids
 
 
 def load_test_wells(data_dir) -> pd.DataFrame:
-    """Test treatment wells (id_code, experiment, cell_type, plate, well) in test.csv order."""
-    wells = load_wells(data_dir)
-    test = wells[(wells["split"] == "test") & (wells["well_type"] == "treatment")]
-    # load_wells sorts; the logits follow the order of test.csv itself.
-    order = read_csv_checked(os.path.join(str(data_dir), "test.csv"), ("id_code",))["id_code"]
-    test = test.set_index("id_code").loc[order.to_numpy()].reset_index()
-    return test[["id_code", "experiment", "cell_type", "plate", "well"]].reset_index(drop=True)
+    """Test treatment wells (id_code, experiment, cell_type, plate, well) in the order the
+    data directory lists them: test.csv's rows, or the release metadata.csv's (either
+    layout, validated by shards.metadata); the order of every prediction file."""
+    return wells_from_ids(source_test_ids(data_dir))
 
 
 def wells_from_ids(ids: Sequence[str]) -> pd.DataFrame:

@@ -15,7 +15,6 @@ need, so it lives with the store's other data modules.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +26,7 @@ from scipy.sparse.csgraph import connected_components
 from common.errors import BadInput
 from shards.layout import CONTROL_BASE
 from shards.metadata import load_wells
+from shards.source_layout import wells_file
 
 
 class GroupError(BadInput):
@@ -208,4 +208,4 @@ def load_train_groups(data_dir) -> Groups:
     """The groups of the labelled train treatment wells of a data directory (either layout)."""
     wells = load_wells(data_dir)
     train = wells[(wells["split"] == "train") & (wells["well_type"] == "treatment")]
-    return derive_groups(train, source=os.path.join(str(data_dir), "train.csv"))
+    return derive_groups(train, source=wells_file(data_dir, "train"))

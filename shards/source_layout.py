@@ -46,6 +46,14 @@ def detect_layout(data_dir) -> str:
     raise MetadataError(f"{data_dir}: no RxRx1 metadata found; {LOOKED_FOR}")
 
 
+def wells_file(data_dir, split: str) -> str:
+    """The path of the file that lists `split`'s treatment wells in this data directory
+    (`train.csv` / `test.csv`, or the release's `metadata.csv`), for messages that name
+    the file actually read."""
+    name = f"{split}.csv" if detect_layout(data_dir) == KAGGLE else RELEASE_CSV
+    return os.path.join(str(data_dir), name)
+
+
 def source_csvs(source_layout: str) -> tuple[str, ...]:
     """The CSVs whose content defines a store packed from this layout (those present
     are fingerprinted into the manifest)."""
