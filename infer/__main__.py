@@ -8,7 +8,8 @@
         [--model-root LOGS/finetune] [--allow-missing]
     python -m infer pseudo-labels --data-dir DATA --predict-root PRED --folds-dir csv \\
         --out-dir csv/pseudo [--min-confidence 0.5] [--confidence group|full]
-    python -m infer score --submission submission.csv --truth DATA/test_truth.csv
+    python -m infer score --submission submission.csv --truth DATA/metadata.csv|DATA/test_truth.csv
+    python -m infer score --predict-root PRED --split test --truth DATA/metadata.csv [--data-dir DATA]
     python -m infer score --predict-root PRED --split valid --folds-dir csv
 
 Bad input exits with status 2 and one line naming the file, plate or id_code.
@@ -24,9 +25,10 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
     """Logits of every [channels]/fold_k/<model_name> checkpoint under model_root.
 
     Writes OUT_DIR/[channels]/fold_k/<model_name>/pred_<split>.npy (float32,
-    one row per well: test.csv order for test - pass --data-dir for the exact
-    file order, else the store's experiment/plate/well order - and the fold's
-    valid CSV order for valid) with ids_<split>.csv beside it. Both sites are
+    one row per well: for test the data directory's order - test.csv's rows, or the
+    release metadata.csv's; pass --data-dir for it, else the store's experiment/plate/well
+    order - and the fold's valid CSV order for valid) with ids_<split>.csv beside it. Both
+    sites are
     averaged; --tta 2 adds the horizontal flip, --tta 8 the dihedral group
     (default: the run's own predict_params.tta; 8 for runs of configs/plus.yml, else 1).
     A run trained on 1139 classes (controls as classes) keeps its first 1108 columns.
@@ -47,7 +49,8 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
              allow_missing=False):
     """Average logits (subsets, folds, models, extra files), softmax, plate-constrained assignment.
 
-    Writes OUT (default PREDICT_ROOT/submission.csv) in sample_submission order,
+    Writes OUT (default PREDICT_ROOT/submission.csv) in sample_submission order
+    (without one, as in the release layout, in the source's test order),
     plus OUT.probs.npy / OUT.ids.csv (averaged probabilities) and OUT.plates.csv
     (plate, inferred group, margin, wells). Plates whose top-two group scores
     differ by less than --min-margin are reported as ambiguous.
@@ -80,12 +83,22 @@ def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5
 
 
 def score(submission=None, truth=None, predict_root=None, split="valid", folds_dir=None,
-          model_names=None, temperature=1.0, min_margin=0.05):
-    """Top-1 accuracy overall and per cell type, with and without the plate assignment."""
+          data_dir=None, model_names=None, temperature=1.0, min_margin=0.05):
+    """Top-1 accuracy overall, per cell type and per experiment, with and without the plate
+    assignment.
+
+    --truth: the test labels - the rxrx.ai release's metadata.csv (its test labels are
+    public), test_truth.csv of synthetic data, any id_code,sirna CSV, or a data directory
+    holding metadata.csv or test_truth.csv. With --submission: that file (and the plain
+    argmax from the probabilities the ensemble wrote beside it). With --predict-root and
+    --split test: every run's test logits and their ensemble, the plate groups from the
+    train labels of --data-dir (default: the directory of the truth file). With
+    --predict-root and --split valid: the validation logits against --folds-dir's labels.
+    """
     from infer.score import score as run
     return run(submission=submission, truth=truth, predict_root=predict_root, split=split,
                folds_dir=folds_dir, model_names=model_names, temperature=temperature,
-               min_margin=min_margin)
+               min_margin=min_margin, data_dir=data_dir)
 
 
 COMMANDS = {"predict-all": predict_all, "ensemble": ensemble,

@@ -1,9 +1,13 @@
 """Top-1 accuracy, overall and per cell type, with and without the plate assignment.
 
-Two uses:
-- a submission against the truth (`test_truth.csv` of the synthetic data, or any
-  `id_code,sirna` file); when the ensemble's `<submission>.probs.npy` and
-  `<submission>.ids.csv` lie beside it, the plain argmax is scored too;
+Three uses:
+- a submission against the test labels (infer.truth: the release's
+  `metadata.csv`, `test_truth.csv` of the synthetic data, or any `id_code,sirna`
+  file), overall, per cell type and per experiment; when the ensemble's
+  `<submission>.probs.npy` and `<submission>.ids.csv` lie beside it, the plain
+  argmax is scored too;
+- the test logits of `predict-all` (each run, and their ensemble) against those
+  labels, with and without the plate assignment;
 - the validation logits of `predict-all --split valid`, per
   `[channels]/fold_k/model`, per fold (subsets and models averaged) and over
   all folds (out-of-fold), against the labels of the fold CSVs.
@@ -17,19 +21,24 @@ import re
 import numpy as np
 import pandas as pd
 
-from infer import InferError
 from common.arglists import parse_names
+from common.errors import BadInput
 from common.run_layout import fold_dirname
+from infer import InferError
 from infer.ensemble import apply_constraint, average_logits
-from infer.groups import derive_groups
+from infer.groups import derive_groups, load_train_groups
 from infer.predictions import find_predictions, load_logits
-from infer.wells import int_column, wells_from_ids
+from infer.truth import read_labels, read_truth
+from infer.wells import int_column, load_test_wells, wells_from_ids
 from shards.layout import CELL_TYPES, CONTROL_BASE
 from shards.metadata import read_csv_checked
+from shards.source_layout import detect_layout
 
 
-def accuracy_table(cell_types: np.ndarray, truth: np.ndarray, preds: dict) -> pd.DataFrame:
-    """Rows: all + each cell type present; columns: n and one accuracy per prediction."""
+def accuracy_table(cell_types: np.ndarray, truth: np.ndarray, preds: dict,
+                   column: str = "cell_type") -> pd.DataFrame:
+    """Rows: all + each group present (cell types in their usual order, else sorted);
+    columns: `column`, n and one accuracy per prediction."""
     cell_types = np.asarray(cell_types)
     truth = np.asarray(truth)
     present = [c for c in CELL_TYPES if c in set(cell_types)] + \
@@ -37,7 +46,7 @@ def accuracy_table(cell_types: np.ndarray, truth: np.ndarray, preds: dict) -> pd
     rows = []
     for name, mask in [("all", np.ones(len(truth), bool))] + \
             [(c, cell_types == c) for c in present]:
-        row = {"cell_type": name, "n": int(mask.sum())}
+        row = {column: name, "n": int(mask.sum())}
         for key, pred in preds.items():
             row[key] = float(np.mean(np.asarray(pred)[mask] == truth[mask])) if mask.any() else np.nan
         rows.append(row)
@@ -48,34 +57,31 @@ def format_table(df: pd.DataFrame) -> str:
     return df.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
-def _read_labels(path: str, what: str) -> pd.DataFrame:
-    """id_code,sirna of a submission or truth file: treatment siRNAs 0..1107, one row per well."""
-    df = read_csv_checked(path, ("id_code", "sirna"))
-    if df.empty:
-        raise InferError(f"{path}: the {what} has a header but no rows; expected one row "
-                         "id_code,sirna per test well")
-    dup = df["id_code"].duplicated()
-    if dup.any():
-        i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise InferError(f"{path}, row {i + 1}: id_code {df['id_code'].iloc[i]} appears more "
-                         "than once")
-    # Test wells are treatment wells: a control class or an unknown number is no answer.
-    return pd.DataFrame({"id_code": df["id_code"].to_numpy(),
-                         "sirna": int_column(df, path, "sirna", 0, CONTROL_BASE - 1)})
+def grouped_scores(wells: pd.DataFrame, truth: np.ndarray, preds: dict) -> tuple:
+    """(per cell type table, per experiment table, their dict: cell-type rows by name plus
+    `experiments`: experiment -> row) of predictions for `wells` (id_codes parsed)."""
+    by_cell = accuracy_table(wells["cell_type"].to_numpy(), truth, preds)
+    by_exp = accuracy_table(wells["experiment"].to_numpy(), truth, preds, column="experiment")
+    out = _as_dict(by_cell)
+    out["experiments"] = {k: v for k, v in _as_dict(by_exp, "experiment").items() if k != "all"}
+    return by_cell, by_exp.iloc[1:], out
 
 
 def score_submission(submission, truth) -> dict:
-    sub = _read_labels(str(submission), "submission")
-    tru = _read_labels(str(truth), "truth file")
-    known = set(tru["id_code"])
+    """Top-1 of a submission (and of the argmax beside it) against `truth` (infer.truth),
+    overall, per cell type and per experiment."""
+    sub = read_labels(str(submission), "submission")
+    tru = read_truth(truth)
+    known = set(tru.labels["id_code"])
     unknown = [c for c in sub["id_code"] if c not in known]
     if unknown:
-        raise InferError(f"{submission}: {len(unknown)} id_code(s) not in {truth} "
+        raise InferError(f"{submission}: {len(unknown)} id_code(s) not in {tru.path} "
                          f"(e.g. {unknown[:3]}); is this a submission for another dataset?")
-    merged = tru.merge(sub, on="id_code", how="left", suffixes=("_true", ""))
+    merged = tru.labels.merge(sub, on="id_code", how="left", suffixes=("_true", ""))
     n_missing = int(merged["sirna"].isna().sum())
     if n_missing:
-        print(f"WARNING: {n_missing} well(s) of {truth} are not in {submission}; counted as wrong")
+        print(f"WARNING: {n_missing} well(s) of {tru.path} are not in {submission}; counted "
+              "as wrong")
     wells = wells_from_ids(merged["id_code"])
     preds = {"submission": merged["sirna"].fillna(-1).astype(np.int64).to_numpy()}
 
@@ -83,16 +89,17 @@ def score_submission(submission, truth) -> dict:
     if os.path.isfile(stem + ".probs.npy") and os.path.isfile(stem + ".ids.csv"):
         probs = load_logits(stem + ".probs.npy", merged["id_code"].tolist(), stem + ".ids.csv")
         preds["argmax (no assignment)"] = probs[:, :CONTROL_BASE].argmax(axis=1)
-    table = accuracy_table(wells["cell_type"].to_numpy(), merged["sirna_true"].to_numpy(), preds)
-    print(f"top-1 accuracy of {submission} against {truth}")
-    print(format_table(table))
-    return _as_dict(table)
+    by_cell, by_exp, out = grouped_scores(wells, merged["sirna_true"].to_numpy(), preds)
+    print(f"top-1 accuracy of {submission} against {tru.path}")
+    print(format_table(by_cell))
+    print(format_table(by_exp))
+    return out
 
 
-def _as_dict(table: pd.DataFrame) -> dict:
+def _as_dict(table: pd.DataFrame, column: str = "cell_type") -> dict:
     out = {}
     for r in table.to_dict("records"):
-        name = r.pop("cell_type")
+        name = r.pop(column)
         out[name] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()}
     return out
 
@@ -167,7 +174,69 @@ def score_valid(predict_root, folds_dir, model_names=None, temperature=1.0,
         results.append(("all folds (out-of-fold)",
                         np.concatenate([o[0] for o in oof]), np.concatenate([o[1] for o in oof]),
                         _Stack([o[2] for o in oof])))
+    table, out = _summary(results)
+    print(f"validation top-1 accuracy (per cell type: argmax/assigned), folds from {folds_dir}")
+    print(format_table(table))
+    return out
 
+
+def score_test(predict_root, truth, data_dir=None, model_names=None, temperature=1.0,
+               min_margin=0.05) -> dict:
+    """The test logits under `predict_root` (each run, and their ensemble) against the
+    public test labels, with and without the plate assignment; the plate groups come from
+    the train labels of `data_dir` (default: the directory of the truth file)."""
+    tru = read_truth(truth)
+    data_dir = _data_dir_of(data_dir, tru.path)
+    wells = load_test_wells(data_dir)
+    ids = wells["id_code"].tolist()
+    label = tru.labels.set_index("id_code")["sirna"]
+    unlabelled = [c for c in ids if c not in label.index]
+    if unlabelled:
+        raise InferError(f"{tru.path}: no label for {len(unlabelled)} of the {len(ids)} test "
+                         f"wells of {data_dir} (e.g. {unlabelled[:3]}); score against the labels "
+                         "of the data set the predictions were made from")
+    truth_ids = label.loc[ids].to_numpy()
+    groups = load_train_groups(data_dir)
+    files = find_predictions(predict_root, "test", parse_names(model_names), allow_missing=True)
+    results = []
+    for f in files + ([None] if len(files) > 1 else []):
+        if f is None:
+            logits, _ = average_logits(files, ids)
+            name = f"ensemble ({len(files)} files)"
+        else:
+            logits, name = load_logits(f.path, ids, f.ids_path), f.name
+        res = apply_constraint(logits, wells, groups, temperature, min_margin)
+        results.append((name, wells["cell_type"].to_numpy(), truth_ids, res))
+    table, out = _summary(results)
+    # The last row (the ensemble, or the only run) in detail: per cell type and experiment.
+    name, _, _, res = results[-1]
+    by_cell, by_exp, detail = grouped_scores(
+        wells, truth_ids, {"top1": res.argmax, "top1_assigned": res.assigned})
+    out[name] = detail
+    print(f"test top-1 accuracy (per cell type: argmax/assigned) against {tru.path}")
+    print(format_table(table))
+    print(f"{name}, with (top1_assigned) and without (top1) the plate assignment:")
+    print(format_table(by_cell))
+    print(format_table(by_exp))
+    return out
+
+
+def _data_dir_of(data_dir, truth_path: str) -> str:
+    if data_dir is not None:
+        return str(data_dir)
+    here = os.path.dirname(os.path.abspath(truth_path))
+    try:
+        detect_layout(here)
+    except BadInput:
+        raise InferError(f"{truth_path}: its directory is not an RxRx1 data directory; give "
+                         "--data-dir (the data the predictions were made from: its train labels "
+                         "give the plate groups, its test list the wells)") from None
+    return here
+
+
+def _summary(results) -> tuple[pd.DataFrame, dict]:
+    """One row per (name, cell types, truth, result): n, top1, top1_assigned and per cell
+    type argmax/assigned; and each result's per-cell-type dict."""
     rows, out = [], {}
     for name, cts, truth, res in results:
         t = accuracy_table(cts, truth, {"top1": res.argmax, "top1_assigned": res.assigned})
@@ -181,9 +250,7 @@ def score_valid(predict_root, folds_dir, model_names=None, temperature=1.0,
     cts = [c for c in table.columns if c not in ("predictions", "n", "top1", "top1_assigned")]
     table = table[["predictions", "n", "top1", "top1_assigned"]
                   + sorted(cts, key=lambda c: (CELL_TYPES + (c,)).index(c))].fillna("")
-    print(f"validation top-1 accuracy (per cell type: argmax/assigned), folds from {folds_dir}")
-    print(format_table(table))
-    return out
+    return table, out
 
 
 class _Stack:
@@ -195,16 +262,24 @@ class _Stack:
 
 
 def score(submission=None, truth=None, predict_root=None, split="valid", folds_dir=None,
-          model_names=None, temperature=1.0, min_margin=0.05) -> dict:
+          model_names=None, temperature=1.0, min_margin=0.05, data_dir=None) -> dict:
     if submission is not None:
         if truth is None:
-            raise InferError("score --submission needs --truth (e.g. DATA/test_truth.csv)")
+            raise InferError("score --submission needs --truth (the release's DATA/metadata.csv, "
+                             "or DATA/test_truth.csv of synthetic data)")
         return score_submission(submission, truth)
     if predict_root is not None:
+        if split == "test":
+            if truth is None:
+                raise InferError("score --predict-root --split test needs --truth (the "
+                                 "release's DATA/metadata.csv, or DATA/test_truth.csv)")
+            return score_test(predict_root, truth, data_dir, model_names, temperature,
+                              min_margin)
         if split != "valid":
-            raise InferError(f"score --predict-root supports --split valid (got {split!r}); for "
-                             "the test set, ensemble first and score the submission")
+            raise InferError(f"score --predict-root --split {split!r}: choose valid (against "
+                             "--folds-dir) or test (against --truth)")
         if folds_dir is None:
             raise InferError("score --predict-root --split valid needs --folds-dir")
         return score_valid(predict_root, folds_dir, model_names, temperature, min_margin)
-    raise InferError("give --submission with --truth, or --predict-root with --folds-dir")
+    raise InferError("give --submission with --truth, or --predict-root with --folds-dir "
+                     "(--split valid) or --truth (--split test)")

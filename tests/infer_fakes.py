@@ -19,8 +19,10 @@ N_CLASSES = 1108
 
 
 def make_dataset(root, group_size=12, n_groups=4, missing=(), seed=0, sample_order=None,
-                 shuffle_test_csv=False):
-    """Write the four well CSVs, sample_submission.csv and test_truth.csv under `root`.
+                 shuffle_test_csv=False, layout="kaggle"):
+    """Write the four well CSVs, sample_submission.csv and test_truth.csv under `root`;
+    with layout="release" the same wells as rxrx.ai's metadata.csv alone (two site rows a
+    well, test labels public, the test wells in the same order as test.csv's would be).
 
     `missing`: id_codes of test treatment wells to leave out.  Returns a dict
     with groups (G, K), test (test wells with true sirna, test.csv order) and
@@ -47,6 +49,13 @@ def make_dataset(root, group_size=12, n_groups=4, missing=(), seed=0, sample_ord
     ctrl = df["sirna"] >= 1108
     cols = ["id_code", "experiment", "plate", "well"]
     os.makedirs(root, exist_ok=True)
+    test = df[(df["split"] == "test") & ~ctrl].reset_index(drop=True)
+    test = test.assign(cell_type=test["experiment"].map(cell_type_of))
+    info = dict(groups=groups, test=test, plate_group=plate_group,
+                train=df[(df["split"] == "train") & ~ctrl].reset_index(drop=True))
+    if layout == "release":
+        write_release_metadata(root, df)
+        return info
     for split in ("train", "test"):
         part = df[(df["split"] == split) & ~ctrl]
         part[cols + (["sirna"] if split == "train" else [])].to_csv(
@@ -54,15 +63,27 @@ def make_dataset(root, group_size=12, n_groups=4, missing=(), seed=0, sample_ord
         c = df[(df["split"] == split) & ctrl].assign(well_type="negative_control")
         c[cols + ["sirna", "well_type"]].to_csv(os.path.join(root, f"{split}_controls.csv"),
                                                index=False)
-    test = df[(df["split"] == "test") & ~ctrl].reset_index(drop=True)
-    test = test.assign(cell_type=test["experiment"].map(cell_type_of))
     sample = test[["id_code"]].assign(sirna=0)
     if sample_order is not None:
         sample = sample.iloc[sample_order]
     sample.to_csv(os.path.join(root, "sample_submission.csv"), index=False)
     test[["id_code", "sirna"]].to_csv(os.path.join(root, "test_truth.csv"), index=False)
-    return dict(groups=groups, test=test, plate_group=plate_group,
-                train=df[(df["split"] == "train") & ~ctrl].reset_index(drop=True))
+    return info
+
+
+def write_release_metadata(root, wells: pd.DataFrame) -> None:
+    """metadata.csv of the release layout for `wells` (split, id_code, experiment, plate,
+    well, sirna), rows in the wells' order, site 1 then 2 (made-up ThermoFisher names)."""
+    sites = wells.loc[wells.index.repeat(2)].reset_index(drop=True)
+    sites["site"] = np.tile([1, 2], len(wells))
+    well_type = np.where(sites["sirna"] >= 1108, "negative_control", "treatment")
+    pd.DataFrame({
+        "site_id": sites["id_code"] + "_" + sites["site"].astype(str),
+        "well_id": sites["id_code"], "cell_type": sites["experiment"].map(cell_type_of),
+        "dataset": sites["split"], "experiment": sites["experiment"], "plate": sites["plate"],
+        "well": sites["well"], "site": sites["site"], "well_type": well_type,
+        "sirna": "s" + (20000 + sites["sirna"]).astype(str), "sirna_id": sites["sirna"],
+    }).to_csv(os.path.join(str(root), "metadata.csv"), index=False)
 
 
 def planted_logits(truth, signal=3.0, noise=1.0, n_classes=N_CLASSES, seed=1):

@@ -253,11 +253,7 @@ def test_group_inference_from_trained_logits_is_right_for_every_tiny_plate(tiny_
                                                                           tiny_store, capsys):
     from infer.ensemble import build
 
-    out = str(tiny_run["tmp"] / "pred")
-    if not os.path.isfile(os.path.join(out, "[1,2,3,4,5]", "fold_0", MODEL, "pred_test.npy")):
-        from infer.predict import predict_all
-        predict_all(tiny_store, tiny_run["model_root"], MODEL, out, data_dir=tiny_data,
-                    backend="torch")
+    out = _kaggle_pred(tiny_run, tiny_data, tiny_store)
     result, used = build(tiny_data, out)
     assert len(used) == 1
     truth = pd.read_csv(os.path.join(tiny_data, "test_truth.csv")).set_index("id_code")["sirna"]
@@ -274,6 +270,76 @@ def test_group_inference_from_trained_logits_is_right_for_every_tiny_plate(tiny_
     acc_argmax = np.mean(result.argmax == wells["sirna"].to_numpy())
     assert acc_assigned >= acc_argmax
     assert "plate" in capsys.readouterr().out
+
+
+def _kaggle_pred(tiny_run, tiny_data, tiny_store) -> str:
+    out = str(tiny_run["tmp"] / "pred")
+    if not os.path.isfile(os.path.join(out, "[1,2,3,4,5]", "fold_0", MODEL, "pred_test.npy")):
+        from infer.predict import predict_all
+        predict_all(tiny_store, tiny_run["model_root"], MODEL, out, data_dir=tiny_data,
+                    backend="torch")
+    return out
+
+
+def test_the_infer_path_on_the_release_layout(tiny_run, tiny_data, tiny_store, tmp_path, capsys):
+    """predict-all -> ensemble -> score on the release layout of the tiny set (metadata.csv +
+    images/, no test.csv, no sample_submission.csv), its store packed from that layout: the
+    logits and the submission are the Kaggle layout's, and score reads the public test
+    labels of metadata.csv, per cell type and per experiment."""
+    from conftest import TINY_SHARD_MB
+    from infer.__main__ import main
+    from prep.pack import pack
+    from prep.synth import synth
+
+    release, store = str(tmp_path / "release"), str(tmp_path / "store")
+    synth(release, preset="tiny", seed=0, workers=2, layout_name="release")
+    assert not os.path.exists(os.path.join(release, "test.csv"))
+    pack(release, store, workers=2, shard_size_mb=TINY_SHARD_MB, seed=0)
+    pred = str(tmp_path / "pred")
+    main(["predict-all", "--shards", store, "--model-root", tiny_run["model_root"],
+          "--model-name", MODEL, "--out-dir", pred, "--data-dir", release,
+          "--backend", "torch", "--batch-size", "16"])
+    run_out = os.path.join(pred, "[1,2,3,4,5]", "fold_0", MODEL)
+    truth = pd.read_csv(os.path.join(tiny_data, "test_truth.csv"))  # the Kaggle layout's labels
+    meta = pd.read_csv(os.path.join(release, "metadata.csv"))
+    order = meta[(meta["dataset"] == "test") & (meta["well_type"] == "treatment")
+                 & (meta["site"] == 1)]["well_id"].tolist()
+    assert pd.read_csv(os.path.join(run_out, "ids_test.csv"))["id_code"].tolist() == order
+    kaggle_run = os.path.join(_kaggle_pred(tiny_run, tiny_data, tiny_store), "[1,2,3,4,5]",
+                              "fold_0", MODEL)
+    kaggle = pd.DataFrame(np.load(os.path.join(kaggle_run, "pred_test.npy")),
+                          index=pd.read_csv(os.path.join(kaggle_run, "ids_test.csv"))["id_code"])
+    np.testing.assert_allclose(np.load(os.path.join(run_out, "pred_test.npy")),
+                               kaggle.loc[order].to_numpy(), rtol=0, atol=1e-5)
+
+    sub_path = os.path.join(pred, "submission.csv")
+    main(["ensemble", "--data-dir", release, "--predict-root", pred])
+    sub = pd.read_csv(sub_path)
+    assert sub["id_code"].tolist() == order  # no sample_submission.csv: the source's order
+    capsys.readouterr()
+    res = main(["score", "--submission", sub_path, "--truth", os.path.join(release, "metadata.csv")])
+    printed = capsys.readouterr().out
+    merged = truth.merge(sub, on="id_code", suffixes=("_true", ""))
+    assert len(merged) == len(order)
+    ok = (merged["sirna"] == merged["sirna_true"]).to_numpy()
+    assert res["all"]["n"] == len(order) and res["all"]["submission"] == pytest.approx(ok.mean())
+    ct = merged["id_code"].str.split("-").str[0].to_numpy()
+    exp = merged["id_code"].str.split("_").str[0].to_numpy()
+    for c in ("HEPG2", "HUVEC", "RPE", "U2OS"):
+        assert res[c]["submission"] == pytest.approx(ok[ct == c].mean()), c
+    assert len(res["experiments"]) == 4
+    for e, row in res["experiments"].items():
+        assert row["submission"] == pytest.approx(ok[exp == e].mean()), e
+    assert "metadata.csv" in printed and "HUVEC" in printed
+
+    # the predict root itself, against the data directory's labels: with and without the
+    # plate assignment; the assigned figure is the submission's
+    scores = main(["score", "--predict-root", pred, "--split", "test", "--truth", release])
+    (name, only), = scores.items()
+    assert name.startswith("[1,2,3,4,5]/fold_0/")
+    assert only["all"]["top1_assigned"] == pytest.approx(ok.mean())
+    assert only["all"]["top1_assigned"] >= only["all"]["top1"]
+    assert set(only["experiments"]) == set(res["experiments"])
 
 
 @pytest.mark.parametrize("content", [b"", b"not a torch file at all", b"PK\x03\x04truncated"])
