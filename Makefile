@@ -8,6 +8,8 @@ DATA_DIR ?= data/tiny
 OUT_DIR  ?= out/tiny
 WORKERS  ?= $(shell nproc)
 PRESET   ?= tiny
+# The RxRx1 layout synth writes: kaggle (the competition's CSVs) or release (rxrx.ai's metadata.csv).
+LAYOUT   ?= kaggle
 LOGS     ?= $(OUT_DIR)/logs
 PRED     ?= $(OUT_DIR)/pred
 MODEL    ?= se_resnext50_32x4d
@@ -32,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 synth: $(STAMP)
-	$(PY) -m prep synth --out-dir $(DATA_DIR) --preset $(PRESET)
+	$(PY) -m prep synth --out-dir $(DATA_DIR) --preset $(PRESET) --layout $(LAYOUT)
 
 folds: $(STAMP)
 	$(PY) -m prep folds --data-dir $(DATA_DIR) --n-folds 5 --out-dir $(OUT_DIR)/csv
@@ -62,7 +64,7 @@ ensemble: $(STAMP)
 		--out $(PRED)/$(STAGE)/submission.csv
 
 demo: $(STAMP)
-	$(PY) -m demo --out-dir $(DEMO_OUT) --channels "$(CHANNELS)" --folds "$(FOLDS)"
+	$(PY) -m demo --out-dir $(DEMO_OUT) --channels "$(CHANNELS)" --folds "$(FOLDS)" --layout $(LAYOUT)
 
 bench: bench-prep bench-loader bench-train
 	$(PY) -m bench.report

@@ -2,6 +2,7 @@
 
     python -m demo [--out-dir demo_out] [--channels "[1,2,3,4,5];[1,2,3,5,6]"|all]
                    [--folds 0,1|all] [--config-overrides configs/demo.yml] [--fresh]
+                   [--layout kaggle|release]
 
 Every step is the real command a user would type (printed before it runs), so
 the demo doubles as a transcript of the full RxRx1 path. Steps whose output
@@ -21,7 +22,7 @@ import time
 import fire
 
 from common.arglists import parse_folds, parse_subsets
-from common.errors import run_cli
+from common.errors import BadInput, run_cli
 from common.run_layout import METRICS, channels_dirname, find_run_dirs
 
 PY = sys.executable
@@ -79,16 +80,32 @@ def _curves(logdir: str, model: str, out_png: str) -> None:
     plt.close(fig)
 
 
+def _check_layout(data: str, layout: str) -> None:
+    """An earlier demo's data in the other layout is not silently reused."""
+    with open(os.path.join(data, "synth.json")) as f:
+        had = json.load(f).get("layout", "kaggle")
+    if had != layout:
+        raise BadInput(f"{data} holds the {had} layout from an earlier demo, not --layout "
+                       f"{layout}; add --fresh to start over (or use another --out-dir)")
+
+
 def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_folds=5,
          preset="demo", seed=0, config_overrides="configs/demo.yml", model_name="resnet18",
-         workers=None, fresh=False, min_confidence=0.6):
+         workers=None, fresh=False, min_confidence=0.6, layout="kaggle"):
     """Run synth -> shards -> verify -> folds -> control -> finetune -> ensemble ->
-    pseudo-labels -> pseudo -> ensemble -> score, and print the results table."""
+    pseudo-labels -> pseudo -> ensemble -> score, and print the results table.
+
+    --layout kaggle (default) or release: the RxRx1 layout the synthetic data is written
+    in (the competition's CSVs, or rxrx.ai's metadata.csv, whose public test labels the
+    score reads); every later command is the same for both."""
     from infer import score_submission
+    from shards.layout import SOURCE_LAYOUTS
 
     # Bad options stop before anything is made or removed.
     subsets = parse_subsets(channels, "--channels")
     fold_list = parse_folds(folds, int(n_folds), "--folds")
+    if layout not in SOURCE_LAYOUTS:
+        raise BadInput(f"--layout {layout!r}: choose one of {', '.join(SOURCE_LAYOUTS)}")
     out_dir = os.path.abspath(out_dir)
     if fresh and os.path.isdir(out_dir):
         import shutil
@@ -115,7 +132,9 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_
 
     if not os.path.isfile(os.path.join(data, "synth.json")):
         step("synth", [PY, "-m", "prep", "synth", "--preset", preset, "--seed", str(seed),
-                       "--out-dir", data, "--workers", workers])
+                       "--out-dir", data, "--workers", workers, "--layout", layout])
+    else:
+        _check_layout(data, layout)
     step("shards", [PY, "-m", "prep", "shards", "--data-dir", data, "--out-dir", store,
                     "--workers", workers],
          [PY, "-m", "prep", "verify", store],
@@ -146,7 +165,7 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_
                       *train_args] for c in chans for k in fold_list])
     ps_root = predict_and_ensemble("pseudo")
 
-    truth = os.path.join(data, "test_truth.csv")
+    truth = data  # its test labels: metadata.csv (release) or test_truth.csv (synthetic Kaggle)
     test = {}
     for part, root in (("finetune", ft_root), ("pseudo", ps_root)):
         s = score_submission(os.path.join(root, "submission.csv"), truth)["all"]

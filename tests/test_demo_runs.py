@@ -45,13 +45,27 @@ def test_runs_and_best_metrics_follow_the_run_layout(tmp_path):
 def test_demo_bad_options_are_one_line_and_exit_2(tmp_path):
     out = tmp_path / "demo_out"
     for args, needle in ((["--channels", "[1,2,3,4,9]"], "--channels"),
-                         (["--folds", "0,7"], "--folds: fold 7 out of range")):
+                         (["--folds", "0,7"], "--folds: fold 7 out of range"),
+                         (["--layout", "zarr"], "--layout 'zarr': choose one of kaggle, release")):
         proc = subprocess.run([sys.executable, "-m", "demo", "--out-dir", str(out), *args],
                               cwd=REPO, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
         assert not out.exists()  # nothing made before the options were checked
+
+
+def test_demo_refuses_data_of_the_other_layout(tmp_path):
+    data = tmp_path / "demo_out" / "data"
+    data.mkdir(parents=True)
+    (data / "synth.json").write_text(json.dumps({"preset": "demo", "layout": "kaggle"}))
+    proc = subprocess.run([sys.executable, "-m", "demo", "--out-dir", str(tmp_path / "demo_out"),
+                           "--layout", "release"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "holds the kaggle layout" in lines[0] and "--fresh" in lines[0]
+    assert sorted(os.listdir(data)) == ["synth.json"]  # nothing else made
 
 
 def test_demo_help_works():
