@@ -52,21 +52,12 @@ from shards.selection import (epoch_order, epoch_rows, locate_rows, rank_batches
 from shards.store import StoreError, open_store
 
 
-def make_loader(store_dir, selection, spec: LoaderSpec | None = None, **legacy_kwargs
-                ) -> "Loader":
+def make_loader(store_dir, selection, spec: LoaderSpec) -> "Loader":
     """A loader over the wells of `selection` in the store at `store_dir`, read as `spec` says.
 
     The store is opened and the selection resolved before this returns: bad
     input raises here (LoaderError, StoreError, MetadataError), naming what is wrong.
     """
-    # transition: remove once train/infer pass a LoaderSpec (the keywords are its fields)
-    if spec is None:
-        unknown = sorted(set(legacy_kwargs) - set(LoaderSpec.field_names()))
-        if unknown:
-            raise TypeError(f"make_loader() got unknown keyword(s) {', '.join(unknown)}")
-        spec = LoaderSpec(**legacy_kwargs)
-    elif legacy_kwargs:
-        raise TypeError("make_loader() takes a LoaderSpec or keywords, not both")
     if not isinstance(spec, LoaderSpec):
         raise TypeError(f"spec must be a LoaderSpec, not {type(spec).__name__}")
     device = _pick_device(spec.device)

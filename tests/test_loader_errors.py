@@ -116,16 +116,6 @@ def test_spec_is_frozen_and_normalized():
         spec.batch_size = 8
 
 
-def test_legacy_keywords_build_the_same_spec(tiny_store):
-    """transition: remove with make_loader's keyword form."""
-    a = make_loader(tiny_store, "test", channels=[1, 2], batch_size=8, backend="torch")
-    b = make_loader(tiny_store, "test", LoaderSpec(channels=[1, 2], batch_size=8,
-                                                    backend="torch"))
-    assert a.spec == b.spec
-    with pytest.raises(TypeError, match="batchsize"):
-        make_loader(tiny_store, "test", batchsize=8)
-
-
 def test_label_column_missing(tiny_store, train_ids):
     sel = pd.DataFrame({"id_code": train_ids, "sirna": [1, 2, 3, 4]})
     with pytest.raises(LoaderError, match="'label'"):
