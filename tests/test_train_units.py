@@ -287,7 +287,9 @@ def test_accumulation_cadence_steps_every_nth_batch():
                 seen.append(1)
                 yield b
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    out = train_one_epoch(model, Loader(batches), 10, opt, sch, scaler, torch.nn.CrossEntropyLoss(),
+    from train.batch_step import BatchStep
+    cfg = load_config("control", "configs/control.yml", overrides="configs/tiny.yml")
+    out = train_one_epoch(model, Loader(batches), 10, opt, sch, scaler, BatchStep(cfg, model, None, 0),
                           3, torch.device("cpu"), None, False, Dist(), "test", False, 1e3)
     assert snapshots == [3, 6, 9, 10]
     assert out["optimizer_steps"] == 4 and out["samples"] == 40 and sch.step_count == 4

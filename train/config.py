@@ -89,7 +89,8 @@ def load_config(part: str, config: str | None = None, *, overrides: str | list |
     """Resolve one run's config.
 
     Layers, later wins: built-in defaults, `config` (YAML), `overrides`
-    (one or more YAML files merged on top, e.g. configs/tiny.yml), `dotted`
+    (one or more YAML files merged on top in order, e.g. configs/tiny.yml or
+    "configs/tiny.yml,configs/plus.yml"), `dotted`
     ({'stages.data_params.batch_size': 8}), then the CLI shortcuts
     (channels, fold, model_name, logdir, shards).  `channels` also sets
     `model_params.n_channels` unless that is given explicitly.  Config paths
@@ -99,8 +100,7 @@ def load_config(part: str, config: str | None = None, *, overrides: str | list |
         raise ConfigError(f"unknown part {part!r}; expected one of {list(PARTS)}")
     user: dict = {}
     sources = []
-    paths = ([config] if config else []) + ([overrides] if isinstance(overrides, str)
-                                             else list(overrides or []))
+    paths = ([config] if config else []) + override_paths(overrides)
     for path in paths:
         path = project_path(path)
         user = deep_merge(user, read_yaml(path))
@@ -111,6 +111,14 @@ def load_config(part: str, config: str | None = None, *, overrides: str | list |
         sources.append("command-line overrides")
     user = deep_merge(user, _shortcuts(channels, fold, model_name, logdir, shards, nested))
     return RunConfig(resolve(part, user, " + ".join(sources) or "defaults"))
+
+
+def override_paths(overrides) -> list[str]:
+    """`--overrides`: one YAML path, several separated by commas (later wins), or a list."""
+    if overrides is None:
+        return []
+    items = overrides.split(",") if isinstance(overrides, str) else list(overrides)
+    return [str(p).strip() for p in items if str(p).strip()]
 
 
 def _shortcuts(channels, fold, model_name, logdir, shards, nested) -> dict:
@@ -162,11 +170,15 @@ def changed_keys(saved: Mapping, now: Mapping) -> list[tuple[str, Any, Any]]:
     """(dotted key, saved value, value now) for every key that differs and matters:
     everything but HARMLESS_KEYS (where and how a run executes, not what it trains)."""
     a, b = _flat(saved), _flat(now)
+    # A key added to the schema after a run was saved reads as its default there: the
+    # default of every new key (e.g. the plus recipe's) trains as before it existed.
+    known = _flat(DEFAULTS)
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in HARMLESS_KEYS or a.get(key, "<absent>") == b.get(key, "<absent>"):
+        was, is_ = a.get(key, known.get(key, "<absent>")), b.get(key, known.get(key, "<absent>"))
+        if key in HARMLESS_KEYS or was == is_:
             continue
-        out.append((key, a.get(key, "<absent>"), b.get(key, "<absent>")))
+        out.append((key, was, is_))
     return out
 
 

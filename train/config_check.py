@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from shards.layout import NORM_MODES, parse_channels
+from shards.layout import N_SIRNAS, N_TREATMENTS, NORM_MODES, parse_channels
 from shards import BACKENDS, SITE_MODES
 from train.config_schema import (AMP_MODES, CRITERIA, DATASET_OF_PART, METRICS, MODELS,
                                  NUM_CLASSES_OF_PART, OPTIMIZERS, PRETRAINED_WORDS, ConfigError,
@@ -26,6 +26,7 @@ def validate(cfg: dict, part: str, where: str) -> None:
     _check_state(cfg["stages"], where)
     _check_data(cfg["stages"]["data_params"], part, where)
     _check_stages(cfg, where)
+    _check_plus(cfg, part, where)
 
 
 def _check(cond, where, msg):
@@ -53,8 +54,11 @@ def _check_model(cfg, part, where):
     _check(isinstance(m["model_name"], str) and m["model_name"], where,
            "model_params.model_name must be a timm model name, e.g. se_resnext50_32x4d")
     want = NUM_CLASSES_OF_PART[part]
-    _check(m["num_classes"] == want, where,
-           f"model_params.num_classes is {m['num_classes']!r}; part {part!r} trains {want} classes")
+    # Parts II/III may also classify the controls (the plus recipe's 1139; checked below).
+    _check(m["num_classes"] == want or (part != "control" and m["num_classes"] == N_SIRNAS),
+           where, f"model_params.num_classes is {m['num_classes']!r}; part {part!r} trains "
+           f"{want} classes" + (f" ({N_SIRNAS} with stages.data_params.controls_as_classes)"
+                                if part != "control" else ""))
     if m["pretrained"] is None:          # YAML null: the same as none
         m["pretrained"] = "none"
     p = m["pretrained"]
@@ -174,3 +178,45 @@ def _check_stage(st, key, where):
                f"{key}.scheduler_params.lr_range values must be > 0")
         _check(all(0 <= x < 1 for x in sch["momentum_range"]), where,
                f"{key}.scheduler_params.momentum_range values must be in [0, 1)")
+
+
+def _check_plus(cfg, part, where):
+    """The plus recipe's keys: each parsed by the module that reads it (which names the
+    key), then the cross-checks between them."""
+    from train.batch_augment import BatchAugment
+    from train.heads import arcface_params
+    from train.progressive_pseudo import ProgressiveSchedule
+    m, dp = cfg["model_params"], cfg["stages"]["data_params"]
+    _check(isinstance(cfg["plus"], bool), where, "plus must be true or false")
+    tta = cfg["predict_params"]["tta"]
+    _check(tta is None or tta in (1, 2, 4, 8), where,
+           f"predict_params.tta {tta!r}: null or one of 1, 2, 4, 8")
+    _check(isinstance(m["cell_type_input"], bool), where,
+           "model_params.cell_type_input must be true or false")
+    try:
+        BatchAugment.from_params(zoom=dp["zoom"], jitter=dp["jitter"], cutmix=dp["cutmix"])
+        arcface_params(m["arcface"])
+        ProgressiveSchedule.from_params(dp["progressive_pseudo"])
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    plus_model = ("put the overlay (configs/plus.yml) after configs that set another "
+                  "model, e.g. --overrides configs/tiny.yml,configs/plus.yml")
+    for key, on in (("cell_type_input", m["cell_type_input"]),
+                    ("arcface", arcface_params(m["arcface"]) is not None)):
+        _check(not on or m["model"] == "cell_plus", where,
+               f"model_params.{key} needs model_params.model: cell_plus (it is "
+               f"{m['model']!r}); {plus_model}")
+    _check(isinstance(dp["controls_as_classes"], bool), where,
+           "stages.data_params.controls_as_classes must be true or false")
+    if dp["controls_as_classes"]:
+        _check(part != "control", where, "stages.data_params.controls_as_classes is for Parts "
+               "II/III (finetune, pseudo); Part I classifies the controls already")
+        _check(m["num_classes"] == N_SIRNAS, where,
+               f"stages.data_params.controls_as_classes needs model_params.num_classes "
+               f"{N_SIRNAS} (the siRNAs and the controls), not {m['num_classes']!r}")
+    elif part != "control":
+        _check(m["num_classes"] == N_TREATMENTS, where,
+               f"model_params.num_classes {m['num_classes']!r}: {N_SIRNAS} classes need "
+               "stages.data_params.controls_as_classes: true")
+    _check(dp["progressive_pseudo"] in (None, False) or part != "control", where,
+           "stages.data_params.progressive_pseudo is for Parts II/III (finetune, pseudo)")

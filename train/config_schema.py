@@ -22,7 +22,8 @@ DATASET_OF_PART = {"control": "control", "finetune": "non_pseudo", "pseudo": "ps
 NUM_CLASSES_OF_PART = {"control": N_CONTROLS, "finetune": N_TREATMENTS, "pseudo": N_TREATMENTS}
 LABEL_OFFSET_OF_PART = {"control": CONTROL_BASE, "finetune": 0, "pseudo": 0}
 
-MODELS = ("cell_senet", "cell_densenet", "cell_timm")
+# cell_plus: train.heads (the plus recipe's head: cell type input, ArcFace branch).
+MODELS = ("cell_senet", "cell_densenet", "cell_timm", "cell_plus")
 OPTIMIZERS = ("Nadam", "Adam", "AdamW", "SGD")
 CRITERIA = ("LabelSmoothingCrossEntropy", "CrossEntropyLoss")
 METRICS = ("accuracy01", "accuracy03", "loss")
@@ -38,6 +39,8 @@ SCHEDULERS = {
 STAGE_NAME = re.compile(r"^stage\d+$")
 
 DEFAULTS: dict[str, Any] = {
+    # Marks a run of the plus recipe (configs/plus.yml); predict-all's TTA default is 8 then.
+    "plus": False,
     "args": {
         "logdir": "./logs",
         "fold": 0,
@@ -61,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
         # none: random init.  Only Part I reads it (Parts II/III start from Part I).
         "pretrained": "imagenet",
         "drop_rate": 0.3,         # dropout before the last Linear, in training only
+        # The plus recipe's head (model: cell_plus, train.heads); both off by default.
+        "cell_type_input": False, # a one-hot of the 4 cell types beside the pooled features
+        "arcface": None,          # null | true | {s, m, dim, weight}: auxiliary ArcFace loss
     },
     "stages": {
         "state_params": {
@@ -97,6 +103,16 @@ DEFAULTS: dict[str, Any] = {
             "shear_p": 0.5,             # p of a sheared sample
             # control: hold out the controls of valid_csv's experiments (see train/data.py)
             "control_holdout": True,
+            # The plus recipe's techniques (configs/plus.yml turns them all on); off here.
+            # Parts II/III: train also on the control wells, as classes 1108..1138
+            # (needs model_params.num_classes 1139).
+            "controls_as_classes": False,
+            "cutmix": None,             # null | {p, beta}        train.batch_augment
+            "jitter": None,             # null | {p, scale_sd, shift_sd}
+            "zoom": None,               # null | {p, min_side}
+            # null | {start_epoch, full_epoch, start_share, min_margin}: test wells labelled
+            # inside the run, in the last stage (train.progressive_pseudo)
+            "progressive_pseudo": None,
         },
         "stage0": {
             "state_params": {"num_epochs": 2},
@@ -114,6 +130,9 @@ DEFAULTS: dict[str, Any] = {
                                  "momentum_range": [0.85, 0.95]},
         },
     },
+    "predict_params": {
+        "tta": None,   # predict-all's default views (1, 2, 4 or 8); null = 8 for plus, else 1
+    },
 }
 STAGE_DEFAULTS = {
     "state_params": {"num_epochs": 1},
@@ -130,6 +149,7 @@ HARMLESS_KEYS = (
     "args.deterministic", "args.pretrained_control",
     "stages.data_params.num_workers", "stages.data_params.backend",
     "stages.data_params.valid_batch_size",
+    "plus", "predict_params.tta",      # prediction's defaults, not what trains
 )
 
 

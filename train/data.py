@@ -2,7 +2,9 @@
 
 Selections are well-level (`id_code`, `experiment`, `label`); `shards.make_loader`
 expands them to sites.  Labels are 0-based class indices of the part's head:
-control = sirna - 1108 (31 classes), finetune/pseudo = sirna.
+control = sirna - 1108 (31 classes), finetune/pseudo = sirna (with
+`controls_as_classes`, the plus recipe's 1139 classes, control wells join the
+training selection with their sirna 1108..1138 as label).
 
 Control validation (a choice the reference leaves open): the control wells of
 the experiments in `valid_csv` (by default fold 0's valid experiments) are
@@ -47,6 +49,13 @@ def per_rank_batch(batch_size: int, d: Dist, key: str) -> int:
 
 def make_loaders(cfg: RunConfig, d: Dist, device, train_sel, valid_sel):
     """The training and validation loaders of this rank (the one place train builds them)."""
+    return (make_loader(cfg, d, device, train_sel),
+            make_loader(cfg, d, device, valid_sel, evaluate=True))
+
+
+def make_loader(cfg: RunConfig, d: Dist, device, selection, evaluate: bool = False):
+    """A training loader over `selection`, or with `evaluate` one that reads both sites of
+    every well in storage order without augmentation (validation, progressive labels)."""
     dp = cfg.stages.data_params
     spec = shards.LoaderSpec(
         channels=cfg.channels, norm=dp.norm, sites=dp.sites, site=dp.site,
@@ -56,12 +65,12 @@ def make_loaders(cfg: RunConfig, d: Dist, device, train_sel, valid_sel):
         shear_p=dp.shear_p, shuffle=True, seed=cfg.args.seed, rank=d.rank,
         world_size=d.world_size, backend=dp.backend, device=str(device),
         num_workers=dp.num_workers, drop_last=dp.drop_last, label_column="label")
-    # Validation: both sites of every well, in storage order, no augmentation.
-    valid = dataclasses.replace(
-        spec, sites="two", augment=False, channel_dropout=0.0, shear_p=0.0, shuffle=False,
-        drop_last=False, batch_size=-(-(dp.valid_batch_size or dp.batch_size) // d.world_size))
-    return (shards.make_loader(dp.shards, train_sel, spec),
-            shards.make_loader(dp.shards, valid_sel, valid))
+    if evaluate:
+        spec = dataclasses.replace(
+            spec, sites="two", augment=False, channel_dropout=0.0, shear_p=0.0, shuffle=False,
+            drop_last=False,
+            batch_size=-(-(dp.valid_batch_size or dp.batch_size) // d.world_size))
+    return shards.make_loader(dp.shards, selection, spec)
 
 
 def _wells(sites: pd.DataFrame) -> pd.DataFrame:
@@ -154,7 +163,27 @@ def csv_selections(cfg: RunConfig, sites: pd.DataFrame):
             raise ConfigError(f"{path} selects no treatment wells")
         df["experiment"] = _experiments(df, path)
         out.append(df[["id_code", "experiment", "label"]].reset_index(drop=True))
+    if dp.controls_as_classes:   # validation stays treatment wells only
+        out[0] = pd.concat([out[0], control_class_wells(cfg, sites, set(out[0]["experiment"]))],
+                           ignore_index=True)
     return out[0], out[1]
+
+
+def control_class_wells(cfg: RunConfig, sites: pd.DataFrame, experiments: set) -> pd.DataFrame:
+    """The plus recipe's controls as classes: the control wells of the training
+    experiments and of every test experiment (test_controls.csv's labels are public, and
+    the store keeps them), labelled with their sirna id (classes 1108..1138)."""
+    wells = _wells(sites)
+    wells = wells[(wells["well_type"] != "treatment")
+                  & (wells["experiment"].isin(experiments) | (wells["split"] == "test"))].copy()
+    bad = wells[(wells["sirna"] < CONTROL_BASE) | (wells["sirna"] >= CONTROL_BASE + N_CONTROLS)]
+    if len(bad):
+        raise ConfigError(f"{cfg.stages.data_params.shards}: control wells with sirna outside "
+                          f"{CONTROL_BASE}..{CONTROL_BASE + N_CONTROLS - 1} "
+                          f"({bad[['id_code', 'sirna']].head(3).to_dict('records')}); "
+                          "stages.data_params.controls_as_classes needs their labels")
+    wells["label"] = wells["sirna"].astype("int64")
+    return wells[["id_code", "experiment", "label"]].reset_index(drop=True)
 
 
 def steps_in(loader, d: Dist, device) -> int:

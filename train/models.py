@@ -92,10 +92,21 @@ def _create_rgb(name: str, pretrained, drop_rate: float) -> nn.Module:
 FACTORIES = {"cell_senet": cell_senet, "cell_densenet": cell_densenet, "cell_timm": cell_timm}
 
 
+# model_params keys only train.heads.cell_plus takes; off (the defaults) for the others.
+PLUS_KEYS = ("cell_type_input", "arcface")
+
+
 def create_model(model: str = "cell_senet", **params) -> nn.Module:
     """`model_params` of a config -> nn.Module (the reference's `model:` + its arguments)."""
+    if model == "cell_plus":
+        from train.heads import cell_plus   # lazily: train.heads builds on this module
+        return cell_plus(**params)
     if model not in FACTORIES:
-        raise ConfigError(f"unknown model factory {model!r}; valid: {sorted(FACTORIES)}")
+        raise ConfigError(f"unknown model factory {model!r}; valid: "
+                          f"{sorted([*FACTORIES, 'cell_plus'])}")
+    on = [k for k in PLUS_KEYS if params.pop(k, None)]
+    if on:
+        raise ConfigError(f"model_params.{on[0]} needs model_params.model: cell_plus, not {model!r}")
     return FACTORIES[model](**params)
 
 

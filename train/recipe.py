@@ -18,18 +18,19 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import shards
 from common.errors import BadInput
-from common.precision import amp_dtype, autocast
+from common.precision import amp_dtype
 from common.well_logits import WellMeans, well_index
 from train import checkpoint as ckpt
 from train import ddp, stages
+from train.batch_step import BatchStep
 from train.config import RunConfig
-from train.data import make_loaders, selections, steps_in
+from train.data import make_loader, make_loaders, selections, steps_in
+from train.progressive_run import ProgressiveRun
 from train.schedule import make_optimizer, make_scheduler
 from train.weights import (build_model, freeze_backbone, init_from_control,
                            load_best_of_previous_stage)
@@ -84,9 +85,16 @@ def fit(cfg: RunConfig) -> dict:
     train_loader, valid_loader = make_loaders(cfg, d, device, train_sel, valid_sel)
     n_batches = steps_in(train_loader, d, device)
     accum = cfg.stages.state_params.accumulation_steps
-    cp = cfg.stages.criterion_params
-    criterion = nn.CrossEntropyLoss(
-        label_smoothing=cp.smoothing if cp.criterion == "LabelSmoothingCrossEntropy" else 0.0)
+    step = BatchStep(cfg, model, store.sites, d.rank)
+    # Progressive pseudo labels (plus recipe): test wells join the training selection;
+    # an epoch keeps the base selection's n_batches (see train/progressive_run.py).
+    progressive = ProgressiveRun(cfg, store.sites, train_sel)
+    test_loader = make_loader(cfg, d, device, progressive.test, evaluate=True) \
+        if progressive.active else None
+    if state.resume is not None:
+        progressive.restore(state.resume)
+        if len(progressive.labels):
+            train_loader = make_loader(cfg, d, device, progressive.selection())
     loss_limit = DIVERGED_LOSS_FACTOR * math.log(max(cfg.model_params.num_classes, 2))
     _, best_path = stages.paths(cfg)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
@@ -115,21 +123,27 @@ def fit(cfg: RunConfig) -> dict:
                 state.pending_rng = None
             train_loader.set_epoch(state.epoch)
             valid_loader.set_epoch(state.epoch)
+            step.set_epoch(state.epoch)
             lr = scheduler.get_last_lr()[0]
             where = (f"{cfg.part} {stage.name} epoch {state.epoch + 1} "
                      f"({stage_epoch + 1}/{stage.n_epochs} of the stage)")
             model.train()       # also a frozen backbone's BatchNorm, as in the reference
             tm = train_one_epoch(net, train_loader, n_batches, optimizer, scheduler, scaler,
-                                 criterion, accum, device, dtype, channels_last, d, where,
+                                 step, accum, device, dtype, channels_last, d, where,
                                  a.progress and d.is_main, loss_limit)
             ddp.sync_buffers(model, d)
             if not scheduler.per_step:
                 scheduler.step()
-            vm = validate(model, valid_loader, valid_sel, device, dtype, channels_last, d)
+            vm = validate(model, step, valid_loader, valid_sel, device, dtype, channels_last, d)
+            share = progressive.share_after(stage.name, stage_epoch)
+            if share > 0:    # labels for the next epoch, from this epoch's model
+                tm["pseudo_labelled"] = progressive.relabel(
+                    model, step, test_loader, device, dtype, channels_last, d, share)
+                train_loader = make_loader(cfg, d, device, progressive.selection())
             line = state.record(cfg, stage, stage_epoch, lr, {**tm, "precision": precision}, vm)
             rngs = ddp.all_gather_objects(ckpt.rng_state(), d)
             stages.save_epoch(cfg, state, stage, line, ddp.unwrap(model).state_dict(),
-                              optimizer, scheduler, scaler, rngs, d)
+                              optimizer, scheduler, scaler, rngs, d, extra=progressive.state())
             if d.is_main:
                 print(f"{cfg.run_dir} epoch {state.epoch} {stage.name}: train_loss "
                       f"{tm['train_loss']:.4f} valid_loss {vm['valid_loss']:.4f} acc01 "
@@ -162,7 +176,7 @@ def _to_device(images, device, channels_last):
 
 # ------------------------------------------------------------------ one epoch
 
-def train_one_epoch(net, loader, n_batches, optimizer, scheduler, scaler, criterion, accum,
+def train_one_epoch(net, loader, n_batches, optimizer, scheduler, scaler, step, accum,
                     device, dtype, channels_last, d, where: str, progress: bool,
                     loss_limit: float) -> dict:
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -172,7 +186,7 @@ def train_one_epoch(net, loader, n_batches, optimizer, scheduler, scaler, criter
     seen, steps, t0 = 0, 0, time.perf_counter()
     bar = tqdm(total=n_batches, desc=where, disable=not progress, leave=False, file=sys.stderr)
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, labels, _rows) in enumerate(loader):
+    for i, (images, labels, rows) in enumerate(loader):
         if i >= n_batches:   # every rank takes the same number of batches (steps_in)
             break
         images, labels = _to_device(images, device, channels_last), labels.to(device)
@@ -181,9 +195,7 @@ def train_one_epoch(net, loader, n_batches, optimizer, scheduler, scaler, criter
         group = min(accum, n_batches - (i // accum) * accum)
         steps_now = i % accum + 1 == group
         with net.no_sync() if d.enabled and not steps_now else contextlib.nullcontext():
-            with autocast(device, dtype):
-                logits = net(images)
-            loss = criterion(logits.float(), labels)
+            logits, loss = step.train(net, images, labels, rows, device, dtype)
             # The group's mean gradient; Nadam is invariant to the gradient's scale, so this
             # trains as catalyst's sum did, and keeps SGD's learning rate meaning the same.
             scaler.scale(loss / group).backward()
@@ -234,16 +246,16 @@ def _raise_if_diverged(per_rank: list[tuple[int, float]], where: str, n_batches:
 # ------------------------------------------------------------------ validation
 
 @torch.no_grad()
-def validate(model, loader, wells, device, dtype, channels_last, d) -> dict:
+def validate(model, step, loader, wells, device, dtype, channels_last, d) -> dict:
     """Both sites of each valid well through the model; logits averaged per well."""
     model.eval()
     t0 = time.perf_counter()
     means = WellMeans(well_index(loader.sites["id_code"].to_numpy(), wells["id_code"]),
                       len(wells))
     for images, _labels, rows in loader:
-        with autocast(device, dtype):
-            logits = model(_to_device(images, device, channels_last))
-        means.add(np.asarray(rows), logits.float().cpu().numpy())
+        logits = step.predict(model, _to_device(images, device, channels_last), rows, device,
+                              dtype)
+        means.add(np.asarray(rows), logits.cpu().numpy())
     if d.enabled:
         means.all_reduce(device)
     return well_metrics(means, wells["label"].to_numpy()) | {

@@ -143,8 +143,9 @@ def begin(cfg: RunConfig, d: Dist) -> None:
 
 
 def save_epoch(cfg: RunConfig, state: RunState, stage: Stage, line: dict, model_state: dict,
-               optimizer, scheduler, scaler, rngs: list, d: Dist) -> None:
-    """best.pth (if this epoch is the stage's best), last.pth, metrics.jsonl, curves.png."""
+               optimizer, scheduler, scaler, rngs: list, d: Dist, extra: dict | None = None) -> None:
+    """best.pth (if this epoch is the stage's best), last.pth, metrics.jsonl, curves.png.
+    `extra`: more of what a resume needs, into last.pth (progressive pseudo labels)."""
     if not d.is_main:
         return
     last_path, best_path = paths(cfg)
@@ -158,7 +159,7 @@ def save_epoch(cfg: RunConfig, state: RunState, stage: Stage, line: dict, model_
                "scheduler_state_dict": scheduler.state_dict(),
                "scaler_state_dict": scaler.state_dict(), "stage_index": stage.index,
                "global_step": state.global_step, "history": state.history, "rng": rngs,
-               "finished": finished}, last_path)
+               "finished": finished, **(extra or {})}, last_path)
     write_bytes(os.path.join(cfg.run_dir, run_layout.METRICS),
                 "".join(json.dumps(h) + "\n" for h in state.history))
     plot_curves(state.history, os.path.join(cfg.run_dir, run_layout.CURVES))

@@ -10,7 +10,7 @@ import torch.nn as nn
 from train import checkpoint as ckpt
 from train.config import RunConfig
 from train.config_schema import ConfigError
-from train.models import create_model, head_parameter_names
+from train.models import classifier_name, create_model, head_parameter_names
 
 
 def build_model(cfg: RunConfig, for_init: bool) -> nn.Module:
@@ -48,9 +48,14 @@ def init_from_control(model: nn.Module, cfg: RunConfig) -> str:
     if src_ch != cfg.channels:
         print(f"warning: control checkpoint {path} was trained on channels {list(src_ch)}, "
               f"this run uses {list(cfg.channels)}", file=sys.stderr)
-    head = head_parameter_names(model)
-    sd = {k: v for k, v in ck["model_state_dict"].items() if k not in head}
     own = model.state_dict()
+    # The fresh head's parameters and buffers (the plus head's ArcFace BatchNorm has some).
+    head = head_parameter_names(model) | {k for k in own
+                                          if k.startswith(classifier_name(model) + ".")}
+    sd = ck["model_state_dict"]
+    if hasattr(model, "plain_state_to_own"):   # the plus head: the backbone under backbone.
+        sd = model.plain_state_to_own(sd)
+    sd = {k: v for k, v in sd.items() if k not in head}
     missing = [k for k in own if k not in sd and k not in head]
     unexpected = [k for k in sd if k not in own]
     shape = [k for k, v in sd.items() if k in own and own[k].shape != v.shape]
