@@ -20,7 +20,7 @@ FOLDS    ?= 0,1
 DEMO_OUT ?= demo_out
 
 .PHONY: setup test synth folds shards verify train-control train-finetune train-pseudo \
-        predict ensemble demo bench bench-prep bench-loader bench-train gpu-check clean
+        predict ensemble demo bench bench-prep bench-loader bench-train gpu-check compare clean
 
 setup: $(STAMP)
 
@@ -78,10 +78,16 @@ bench-loader: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m bench.train
 
+# The reference recipe against the plus recipe (configs/plus.yml) over 3 data seeds, and each
+# plus technique alone on seed 0, on the demo preset (about an hour on a 2-core CPU host).
+# Writes bench/results_compare.json and its table into bench/results.md.
+compare: $(STAMP)
+	$(PY) -m bench.compare --out-dir compare_out
+
 # Every GPU path proven and measured (one H200 run, <= 8 min); without a GPU the CPU
 # parts on a 128 px store, exit 0. Writes bench/results_gpu.json.
 gpu-check: $(STAMP)
 	$(PY) -m bench.gpu_check
 
 clean:
-	rm -rf out data $(DEMO_OUT) .pytest_cache
+	rm -rf out data $(DEMO_OUT) compare_out .pytest_cache

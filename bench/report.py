@@ -1,4 +1,4 @@
-"""`make bench` (last step): merge bench/results_{prep,loader,train}.json into
+"""`make bench` (last step): merge bench/results_{prep,loader,train,compare}.json into
 bench/results.json and a markdown table bench/results.md, with the machine."""
 from __future__ import annotations
 
@@ -59,13 +59,17 @@ def table(results: dict) -> str:
             lines.append(f"| train {c['model']} {c['image_size']} px, batch {c['batch_size']} | "
                          f"img/s synthetic / with loader | {c['synthetic']['images_per_s']:.1f} / "
                          f"{c['loader']['images_per_s']:.1f} | loader keeps up |")
+    if results.get("compare"):   # make compare's table (bench/compare.py)
+        from bench.compare import format_table
+        lines += ["", format_table(results["compare"])]
     return "\n".join(lines)
 
 
 def main():
-    """Merge bench/results_{prep,loader,train}.json into bench/results.json and bench/results.md."""
+    """Merge bench/results_{prep,loader,train,compare}.json into bench/results.json and
+    bench/results.md."""
     results = {"machine": machine()}
-    for name in ("prep", "loader", "train"):
+    for name in ("prep", "loader", "train", "compare"):
         r = _load(name)
         if r is not None:
             results[name] = r

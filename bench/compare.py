@@ -1,0 +1,280 @@
+"""`make compare` — the reference recipe against the plus recipe (configs/plus.yml), and each
+plus technique alone on top of the reference, on the demo preset with the demo's model and
+budget (configs/demo.yml), through predict-all and the plate-constrained ensemble.
+
+    python -m bench.compare [--seeds 0,1,2] [--techniques all|none|cutmix,arcface,...]
+                            [--technique-seeds 0] [--channels "[1,2,3,4,5]"] [--folds 0]
+                            [--out-dir compare_out] [--workers N]
+
+Per data seed: synth (preset demo, that seed) -> shards -> folds -> one Part I (control)
+model, which every recipe of that seed starts from -> for each recipe a Part II run per
+fold -> predict-all (each run's own TTA: 8 for the plus recipe and the `tta` technique,
+else 1) -> ensemble -> test accuracy with and without the plate assignment.  The reference
+and the plus recipe run on every seed of --seeds; each technique alone on --technique-seeds.
+Every step is the real command (printed; its output in OUT/compare.log); finished steps are
+skipped on a re-run.  Writes bench/results_compare.json and its table into bench/results.md
+(through bench.report).  About an hour on a 2-core CPU host: a benchmark, not a test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import yaml
+
+from common.arglists import parse_folds, parse_names, parse_subsets
+from common.errors import BadInput, run_cli
+from common.run_layout import channels_dirname
+from shards.atomic import write_bytes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PY = sys.executable
+RESULTS = os.path.join(HERE, "results_compare.json")
+PLUS_YML = os.path.join(ROOT, "configs", "plus.yml")
+DEMO_YML = "configs/demo.yml"
+# The demo's stage1 has 5 epochs: progressive pseudo labels from its 3rd, all by its 5th.
+DEMO_PROGRESSIVE = {"start_epoch": 2, "full_epoch": 4}
+
+
+def _plus() -> dict:
+    with open(PLUS_YML) as f:
+        plus = yaml.safe_load(f)
+    plus["stages"]["data_params"]["progressive_pseudo"].update(DEMO_PROGRESSIVE)
+    return plus
+
+
+def technique_overlays() -> dict[str, dict]:
+    """Each technique alone, with the values of configs/plus.yml (the demo's epochs for the
+    progressive pseudo labels)."""
+    plus = _plus()
+    mp, dp = plus["model_params"], plus["stages"]["data_params"]
+
+    def data(**kw):
+        return {"stages": {"data_params": kw}}
+    # `tta` trains nothing: the reference's runs predicted with TTA 8 (see Pipeline.recipe).
+    return {
+        "controls_as_classes": {"model_params": {"num_classes": mp["num_classes"]},
+                                **data(controls_as_classes=True)},
+        "cell_type": {"model_params": {"model": "cell_plus", "cell_type_input": True}},
+        "arcface": {"model_params": {"model": "cell_plus", "cell_type_input": False,
+                                     "arcface": mp["arcface"]}},
+        "cutmix": data(cutmix=dp["cutmix"]),
+        "jitter": data(jitter=dp["jitter"]),
+        "zoom": data(zoom=dp["zoom"]),
+        "progressive_pseudo": data(progressive_pseudo=dp["progressive_pseudo"]),
+        "tta": {"predict_params": {"tta": plus["predict_params"]["tta"]}},
+    }
+
+
+TECHNIQUES = tuple(technique_overlays())
+
+
+def parse_techniques(value) -> list[str]:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return list(TECHNIQUES)
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return []
+    names = parse_names(value, "--techniques")
+    bad = [n for n in names if n not in TECHNIQUES]
+    if bad:
+        raise BadInput(f"--techniques: unknown {bad}; choose from {', '.join(TECHNIQUES)}, "
+                       "all or none")
+    return names
+
+
+def plan(seeds: list[int], techniques: list[str], technique_seeds: list[int]):
+    """(recipe, seed) pairs in the order they run: per seed the reference, plus, techniques."""
+    out = []
+    for s in seeds + [t for t in technique_seeds if t not in seeds]:
+        if s in seeds:
+            out += [("reference", s), ("plus", s)]
+        if s in technique_seeds:
+            if s not in seeds and "tta" in techniques:
+                out.append(("reference", s))   # +tta predicts the reference's runs
+            out += [(f"+{t}", s) for t in techniques]
+    return out
+
+
+# ------------------------------------------------------------------ the table
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per recipe (in first-seen order): seeds, accuracies, mean time, and the change of the
+    assigned accuracy against the reference on the same seeds."""
+    recipes = list(dict.fromkeys(r["recipe"] for r in runs))
+    ref = {r["seed"]: r["plate_assignment"] for r in runs if r["recipe"] == "reference"}
+    out = []
+    for name in recipes:
+        rs = [r for r in runs if r["recipe"] == name]
+        deltas = [r["plate_assignment"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+        out.append({"recipe": name, "seeds": [r["seed"] for r in rs],
+                    "no_assignment": [r["no_assignment"] for r in rs],
+                    "plate_assignment": [r["plate_assignment"] for r in rs],
+                    "delta": deltas if name != "reference" else [],
+                    "seconds": statistics.mean(r["seconds"] for r in rs)})
+    return out
+
+
+def format_table(results: dict) -> str:
+    c = results["config"]
+    lines = [f"### make compare — preset `{c['preset']}`, model `{c['model']}`, "
+             f"subsets {', '.join(c['channels'])}, folds {c['folds']}", "",
+             "Test accuracy of the ensemble (mean ± sd over data seeds); Δ = plate-assigned "
+             "accuracy minus the reference's on the same seeds.", "",
+             "| recipe | seeds | no assignment | plate assignment | Δ vs reference | "
+             "wall time / seed |", "| --- | --- | --- | --- | --- | --- |"]
+    for s in summarize(results["runs"]):
+        delta = "" if s["recipe"] == "reference" else _signed(s["delta"])
+        lines.append(f"| {s['recipe']} | {','.join(map(str, s['seeds']))} | "
+                     f"{_mean_sd(s['no_assignment'])} | {_mean_sd(s['plate_assignment'])} | "
+                     f"{delta} | {s['seconds']:.0f} s |")
+    if results.get("machine"):
+        lines += ["", f"Measured on: {results['machine']}"]
+    return "\n".join(lines)
+
+
+def _signed(values: list[float]) -> str:
+    if not values:
+        return "—"
+    m = statistics.mean(values)
+    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{m:+.3f}{sd}"
+
+
+# ------------------------------------------------------------------ the pipeline
+
+class Pipeline:
+    def __init__(self, out_dir, subsets, folds, model_name, workers, log, preset, overrides):
+        self.out, self.subsets, self.folds = out_dir, subsets, folds
+        self.preset, self.overrides = preset, overrides
+        self.model, self.workers, self.log = model_name, str(workers), log
+
+    def run(self, cmd: list[str]) -> None:
+        line = " ".join(shlex.quote(c) for c in cmd)
+        print(f"$ {line}", flush=True)
+        self.log.write(f"$ {line}\n")
+        self.log.flush()
+        if subprocess.run(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT).returncode:
+            raise SystemExit(f"compare: step failed: {line}\nsee the log: {self.log.name}")
+
+    def seed_dir(self, seed: int) -> str:
+        return os.path.join(self.out, f"seed_{seed}")
+
+    def prepare(self, seed: int) -> None:
+        """Data, store, folds and the control models of one data seed."""
+        d = self.seed_dir(seed)
+        data, store = os.path.join(d, "data"), os.path.join(d, "store")
+        if not os.path.isfile(os.path.join(data, "synth.json")):
+            self.run([PY, "-m", "prep", "synth", "--preset", self.preset, "--seed", str(seed),
+                      "--out-dir", data, "--workers", self.workers])
+        self.run([PY, "-m", "prep", "shards", "--data-dir", data, "--out-dir", store,
+                  "--workers", self.workers])
+        self.run([PY, "-m", "prep", "folds", "--data-dir", data, "--n-folds", "5",
+                  "--out-dir", os.path.join(store, "csv")])
+        for c in self.subsets:
+            self.run([PY, "-m", "train", "control", "--channels", c, "--overrides", self.overrides,
+                      "--shards", store, "--logdir", os.path.join(d, "logs", "control"),
+                      "--model-name", self.model])
+
+    def recipe(self, name: str, seed: int, overlay: str | None) -> dict:
+        """Part II of one recipe on one seed, predicted and ensembled; its scores."""
+        from infer import score_submission
+        d = self.seed_dir(seed)
+        data, store = os.path.join(d, "data"), os.path.join(d, "store")
+        # TTA alone changes no training: the reference's runs, predicted with 8 views.
+        tta_only = name == "+tta"
+        logs = os.path.join(d, "logs", "reference" if tta_only else name)
+        pred = os.path.join(d, "pred", name)
+        control = os.path.join(d, "logs", "control", "control", "{channels}", "{model_name}",
+                               "checkpoints", "best.pth")
+        overrides = self.overrides + (f",{overlay}" if overlay else "")
+        t0 = time.time()
+        for c in self.subsets if not tta_only else ():
+            for k in self.folds:
+                self.run([PY, "-m", "train", "finetune", "--channels", c, "--fold", str(k),
+                          "--overrides", overrides, "--shards", store, "--logdir", logs,
+                          "--model-name", self.model, f"--args.pretrained_control={control}"])
+        self.run([PY, "-m", "infer", "predict-all", "--shards", store, "--data-dir", data,
+                  "--model-root", os.path.join(logs, "finetune"), "--model-name", self.model,
+                  "--out-dir", pred] + (["--tta", "8"] if tta_only else []))
+        sub = os.path.join(pred, "submission.csv")
+        self.run([PY, "-m", "infer", "ensemble", "--data-dir", data, "--predict-root", pred,
+                  "--out", sub])
+        s = score_submission(sub, data)["all"]
+        return {"recipe": name, "seed": seed, "no_assignment": s["argmax (no assignment)"],
+                "plate_assignment": s["submission"], "wells": s["n"],
+                "seconds": round(time.time() - t0, 1)}
+
+
+def _write_overlays(out_dir: str) -> dict[str, str]:
+    """The overlay file of every recipe but the reference (plus, +technique)."""
+    os.makedirs(out_dir, exist_ok=True)
+    files = {"plus": _plus(), **{f"+{t}": o for t, o in technique_overlays().items()}}
+    paths = {}
+    for name, overlay in files.items():
+        path = os.path.join(out_dir, f"overlay_{name.lstrip('+')}.yml")
+        write_bytes(path, yaml.safe_dump(overlay, sort_keys=False))
+        paths[name] = path
+    return paths
+
+
+def main(seeds="0,1,2", techniques="all", technique_seeds="0", channels="[1,2,3,4,5]",
+         folds="0", out_dir="compare_out", model_name="resnet18", workers=None,
+         results=RESULTS, preset="demo", config_overrides=DEMO_YML):
+    """Train, predict and score the reference recipe, the plus recipe and each technique
+    alone (see the module's help); write the table.  --preset tiny --config-overrides
+    configs/tiny.yml --model-name test_resnet --results OUT.json: a smoke run in minutes."""
+    seed_list = parse_folds(seeds, None, "--seeds")
+    tech_seeds = parse_folds(technique_seeds, None, "--technique-seeds")
+    techs = parse_techniques(techniques)
+    subsets = [channels_dirname(s) for s in parse_subsets(channels, "--channels")]
+    fold_list = parse_folds(folds, 5, "--folds")
+    out_dir = os.path.abspath(out_dir)
+    overlays = _write_overlays(out_dir)
+    from bench.report import machine
+    log = open(os.path.join(out_dir, "compare.log"), "a")
+    p = Pipeline(out_dir, subsets, fold_list, model_name, workers or os.cpu_count() or 1, log,
+                 preset, config_overrides)
+    done = {}
+    if os.path.isfile(results):   # a re-run keeps what an earlier one measured with this plan
+        with open(results) as f:
+            old = json.load(f)
+        if old.get("config", {}).get("out_dir") == out_dir and old["config"].get("preset") == preset:
+            done = {(r["recipe"], r["seed"]): r for r in old["runs"]}
+    config = {"preset": preset, "model": model_name, "channels": subsets, "folds": fold_list,
+              "seeds": seed_list, "technique_seeds": tech_seeds, "techniques": techs,
+              "overrides": config_overrides, "out_dir": out_dir}
+    runs, prepared = [], set()
+    for name, seed in plan(seed_list, techs, tech_seeds):
+        if (name, seed) not in done:
+            if seed not in prepared:
+                p.prepare(seed)
+                prepared.add(seed)
+            done[(name, seed)] = p.recipe(name, seed, overlays.get(name))
+        runs.append(done[(name, seed)])
+        out = {"config": config, "machine": machine(), "runs": runs}
+        write_bytes(results, json.dumps(out, indent=1))   # after every recipe: a partial table
+    print("\n" + format_table(out))
+    if os.path.abspath(results) == RESULTS:   # bench/results.md shows the default file only
+        from bench import report
+        report.main()
+    else:
+        print(f"wrote {results}")
+
+
+if __name__ == "__main__":
+    import fire
+    run_cli(lambda: fire.Fire(main, name="bench.compare"))

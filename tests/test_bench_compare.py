@@ -1,0 +1,88 @@
+"""make compare (bench/compare.py): its options, its plan and its table, on fake results
+(the benchmark itself takes about an hour and is not run here)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from bench.compare import (TECHNIQUES, format_table, parse_techniques, plan, summarize,
+                           technique_overlays)
+from common.errors import BadInput
+from train.config import load_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "bench.compare", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_exits_0():
+    out = _run("--help")
+    assert out.returncode == 0 and "bench.compare" in out.stdout + out.stderr
+    assert "--techniques" in out.stdout + out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_technique_is_one_line_and_exit_2(tmp_path):
+    out = _run("--techniques", "cutmix,nope", "--out-dir", str(tmp_path / "c"))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "--techniques: unknown ['nope']" in lines[0]
+    assert not (tmp_path / "c").exists()          # nothing made before the options are checked
+
+
+def test_techniques_parse():
+    assert parse_techniques("all") == list(TECHNIQUES) and parse_techniques("none") == []
+    assert parse_techniques("cutmix,arcface") == ["cutmix", "arcface"]
+    with pytest.raises(BadInput, match="unknown"):
+        parse_techniques("mixup")
+
+
+def test_plan_runs_both_recipes_per_seed_and_techniques_on_one():
+    assert plan([0, 1], ["cutmix", "tta"], [0]) == [
+        ("reference", 0), ("plus", 0), ("+cutmix", 0), ("+tta", 0), ("reference", 1), ("plus", 1)]
+    assert plan([0], ["tta"], [5]) == [("reference", 0), ("plus", 0), ("reference", 5), ("+tta", 5)]
+
+
+@pytest.mark.parametrize("name", [t for t in TECHNIQUES])
+def test_each_technique_overlay_is_a_valid_config_on_the_demo(name, tmp_path):
+    p = tmp_path / f"{name}.yml"
+    p.write_text(yaml.safe_dump(technique_overlays()[name]))
+    cfg = load_config("finetune", "configs/finetune.yml", overrides=f"configs/demo.yml,{p}")
+    on = cfg.to_dict()
+    off = load_config("finetune", "configs/finetune.yml", overrides="configs/demo.yml").to_dict()
+    assert on != off and on["model_params"]["model_name"] == "resnet18"
+
+
+def fake_runs():
+    runs = []
+    for seed, (ref, plus) in enumerate([(0.60, 0.80), (0.70, 0.84), (0.68, 0.86)]):
+        runs.append({"recipe": "reference", "seed": seed, "no_assignment": ref - 0.1,
+                     "plate_assignment": ref, "wells": 100, "seconds": 100.0})
+        runs.append({"recipe": "plus", "seed": seed, "no_assignment": plus - 0.1,
+                     "plate_assignment": plus, "wells": 100, "seconds": 200.0})
+    runs.append({"recipe": "+cutmix", "seed": 0, "no_assignment": 0.5, "plate_assignment": 0.65,
+                 "wells": 100, "seconds": 120.0})
+    return runs
+
+
+def test_summary_means_sds_and_deltas():
+    s = {r["recipe"]: r for r in summarize(fake_runs())}
+    assert s["plus"]["delta"] == pytest.approx([0.20, 0.14, 0.18])
+    assert s["+cutmix"]["delta"] == pytest.approx([0.05]) and s["reference"]["delta"] == []
+    assert s["plus"]["seconds"] == 200.0
+
+
+def test_table_on_fake_results():
+    results = {"config": {"preset": "demo", "model": "resnet18", "channels": ["[1,2,3,4,5]"],
+                          "folds": [0]}, "machine": "a test host", "runs": fake_runs()}
+    table = format_table(results).splitlines()
+    rows = {line.split("|")[1].strip(): line for line in table if line.startswith("| ")}
+    # mean ± sd (sample sd) over the three seeds; Δ against the reference on the same seeds
+    assert "| 0.660 ± 0.053 |" in rows["reference"]
+    assert "| 0.833 ± 0.031 |" in rows["plus"] and "+0.173 ± 0.031" in rows["plus"]
+    assert "| 0.650 |" in rows["+cutmix"] and "+0.050" in rows["+cutmix"]
+    assert "| 0,1,2 |" in rows["plus"] and "200 s" in rows["plus"]
+    assert table[-1] == "Measured on: a test host"
