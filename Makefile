@@ -15,8 +15,8 @@ PRED     ?= $(OUT_DIR)/pred
 MODEL    ?= se_resnext50_32x4d
 STAGE    ?= finetune
 # The demo's sweep; `make demo CHANNELS=all FOLDS=all` runs the reference's 6 subsets x 5 folds.
-CHANNELS ?= [1,2,3,4,5];[1,2,3,5,6]
-FOLDS    ?= 0,1
+CHANNELS ?= [1,2,3,4,5]
+FOLDS    ?= 0
 DEMO_OUT ?= demo_out
 
 .PHONY: setup test synth folds shards verify train-control train-finetune train-pseudo \

@@ -89,7 +89,7 @@ def _check_layout(data: str, layout: str) -> None:
                        f"{layout}; add --fresh to start over (or use another --out-dir)")
 
 
-def main(out_dir="demo_out", channels="[1,2,3,4,5];[1,2,3,5,6]", folds="0,1", n_folds=5,
+def main(out_dir="demo_out", channels="[1,2,3,4,5]", folds="0", n_folds=5,
          preset="demo", seed=0, config_overrides="configs/demo.yml", model_name="resnet18",
          workers=None, fresh=False, min_confidence=0.6, layout="kaggle"):
     """Run synth -> shards -> verify -> folds -> control -> finetune -> ensemble ->
