@@ -66,3 +66,15 @@ def well_index(sites_id_code: np.ndarray, well_ids) -> np.ndarray:
     import pandas as pd
     pos = pd.Series(np.arange(len(well_ids)), index=pd.Index(well_ids))
     return pos.reindex(np.asarray(sites_id_code)).fillna(-1).to_numpy().astype(np.int64)
+
+
+def per_row(sites, values) -> np.ndarray:
+    """`values` (one per sites-table line) indexed by the row number a loader yields: the
+    table's `row` column where it has one, else the line's position; -1 for a row not listed."""
+    values = np.asarray(values, dtype=np.int64)
+    if "row" not in sites.columns:
+        return values
+    rows = sites["row"].to_numpy().astype(np.int64)
+    out = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, np.int64)
+    out[rows] = values
+    return out

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.errors import BadInput
+from common.well_logits import per_row
 from shards.layout import CELL_TYPES, cell_type_of
 from train.arcface import ArcFaceBranch
 from train.config_schema import ConfigError
@@ -152,10 +153,4 @@ def cell_type_index(experiments) -> np.ndarray:
 def cell_types_of_rows(sites) -> np.ndarray:
     """Per row number the loader yields (the sites table's `row` column, else its position),
     the cell-type index of that site: `torch.as_tensor(lut[rows])` per batch."""
-    idx = cell_type_index(sites["experiment"].to_numpy())
-    if "row" not in sites.columns:
-        return idx
-    rows = sites["row"].to_numpy().astype(np.int64)
-    out = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, np.int64)
-    out[rows] = idx
-    return out
+    return per_row(sites, cell_type_index(sites["experiment"].to_numpy()))
