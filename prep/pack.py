@@ -39,9 +39,10 @@ from prep.shard_writer import WORK_DIR, init_worker, read_record, shard_files, w
 from prep.site_stats import compare_reference, pooled_norm, site_norm
 from shards.atomic import remove_stale_temps, write_bytes
 from shards.layout import CHANNELS, N_CHANNELS
-from shards.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, SHARDS_DIR, SITES_NAME,
-                             STORE_NAME, ManifestError, check_format, fingerprint, sha256_file,
-                             source_files, write_manifest)
+from shards.manifest import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, PIXELS_ARRAY,
+                             PIXELS_CHUNK_SEPARATOR, SHARDS_DIR, SITES_NAME, STATS_ARRAY,
+                             STORE_NAME, ManifestError, check_format, fingerprint, norm_array,
+                             sha256_file, source_files, write_manifest)
 from shards.metadata import load_sites
 from shards.source_layout import LOOKED_FOR, detect_layout
 from shards.store import check_structure, missing_chunk_rows
@@ -239,17 +240,18 @@ def _prepare_out_dir(out_dir, run):
     group = zarr.open_group(store, mode="a", zarr_format=3)
     group.attrs.update({"format": FORMAT, "format_version": FORMAT_VERSION})
     n, shape = run["n_sites"], tuple(run["image_shape"])
-    if "pixels" in group:
-        px = group["pixels"]
+    if PIXELS_ARRAY in group:
+        px = group[PIXELS_ARRAY]
         if px.shape != (n, *shape) or px.dtype != np.uint8:
             raise ManifestError(f"{store}/pixels is {px.shape} {px.dtype}, expected "
                                 f"{(n, *shape)} uint8; delete {out_dir} or use a new one")
     else:
         # One flat folder of chunk files ('c.<row>.0.0.0'), not a directory per site.
         # Only the array's metadata is written: chunk files already there stay.
-        group.create_array("pixels", shape=(n, *shape), chunks=(1, *shape), dtype="uint8",
+        group.create_array(PIXELS_ARRAY, shape=(n, *shape), chunks=(1, *shape), dtype="uint8",
                            compressors=ZstdCodec(level=run["zstd_level"]), fill_value=0,
-                           chunk_key_encoding={"name": "default", "separator": "."})
+                           chunk_key_encoding={"name": "default",
+                                               "separator": PIXELS_CHUNK_SEPARATOR})
     write_bytes(os.path.join(work, "run.json"), json.dumps(run))
 
 
@@ -303,10 +305,10 @@ def _finish(data_dir, layout, out_dir, sites, plan, run, files, params):
 
     group = zarr.open_group(os.path.join(out_dir, STORE_NAME), mode="a")
     plate = sites["experiment"] + "_" + sites["plate"].astype(str)
-    for name, data in (("stats", stats.astype(np.float32)),
-                       ("norm_site", site_norm(stats)),
-                       ("norm_plate", pooled_norm(stats, plate)),
-                       ("norm_experiment", pooled_norm(stats, sites["experiment"]))):
+    for name, data in ((STATS_ARRAY, stats.astype(np.float32)),
+                       (norm_array("site"), site_norm(stats)),
+                       (norm_array("plate"), pooled_norm(stats, plate)),
+                       (norm_array("experiment"), pooled_norm(stats, sites["experiment"]))):
         group.create_array(name, data=data, chunks=(min(n, 1 << 16), *data.shape[1:]),
                            compressors=ZstdCodec(level=3), overwrite=True)
 

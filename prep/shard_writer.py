@@ -25,7 +25,7 @@ from prep.tar_writer import TarWriter
 from shards.dali_index import JSON, PIXELS, ROW, format_index
 from shards.layout import N_CHANNELS, STAT_NAMES, sample_key
 from shards.atomic import write_atomic, write_bytes
-from shards.manifest import SHARDS_DIR, STORE_NAME
+from shards.manifest import SHARDS_DIR, pixels_chunk_path
 
 WORK_DIR = ".prep"  # prep's bookkeeping inside OUT; not part of the store format
 # The sites-table columns each sample's .json holds, in this order (docs/format.md).
@@ -38,11 +38,6 @@ def shard_files(out_dir, name):
     shards = os.path.join(out_dir, SHARDS_DIR)
     return (os.path.join(shards, name + ".tar"), os.path.join(shards, name + ".idx"),
             os.path.join(out_dir, WORK_DIR, name + ".json"))
-
-
-def chunk_path(out_dir, row):
-    """File of zarr chunk (row, 0, 0, 0) of `pixels` (v3 "default" keys, "." separator)."""
-    return os.path.join(out_dir, STORE_NAME, "pixels", f"c.{row}.0.0.0")
 
 
 def read_record(out_dir, shard, run):
@@ -121,7 +116,7 @@ def write_shard(task):
 def _write_site(out_dir, zstd, writer, row, pixels):
     # The chunk bytes zarr's ZstdCodec would write, written directly: going
     # through zarr's API costs 2-4x the compression itself per 512 px site.
-    write_bytes(chunk_path(out_dir, row["row"]), zstd.encode(pixels))
+    write_bytes(pixels_chunk_path(out_dir, row["row"]), zstd.encode(pixels))
     # Only the label-contract columns: sirna_name is '' from the Kaggle files, and the
     # tars must be the same bytes from either layout (docs/format.md).
     meta = json.dumps({**{k: row[k] for k in TAR_JSON_COLUMNS}, "shape": list(pixels.shape)},

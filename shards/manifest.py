@@ -21,6 +21,21 @@ MANIFEST_NAME = "manifest.json"
 SITES_NAME = "sites.csv"
 STORE_NAME = "store.zarr"
 SHARDS_DIR = "shards"
+# The arrays of store.zarr (docs/format.md): pixels (one chunk file per site, zarr v3
+# "default" chunk keys with a "." separator), stats and one norm_<mode> per norm mode.
+PIXELS_ARRAY = "pixels"
+STATS_ARRAY = "stats"
+PIXELS_CHUNK_SEPARATOR = "."
+
+
+def norm_array(mode: str) -> str:
+    return f"norm_{mode}"
+
+
+def pixels_chunk_path(out_dir: str, row: int) -> str:
+    """File of zarr chunk (row, 0, 0, 0) of the pixels array of the store in `out_dir`."""
+    key = PIXELS_CHUNK_SEPARATOR.join(("c", str(int(row)), "0", "0", "0"))
+    return os.path.join(out_dir, STORE_NAME, PIXELS_ARRAY, key)
 REQUIRED_KEYS = ("format", "format_version", "image_shape", "dtype", "layout",
                  "channel_order", "codec", "n_sites", "sites_table", "source", "shards")
 

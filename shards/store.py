@@ -31,8 +31,9 @@ import pandas as pd
 import zarr
 
 from shards.layout import NORM_MODES, N_CHANNELS, SPLITS, STAT_NAMES
-from shards.manifest import (SHARDS_DIR, STORE_NAME, ManifestError, check_format,
-                             read_manifest, sha256_file)
+from shards.manifest import (PIXELS_ARRAY, SHARDS_DIR, STATS_ARRAY, STORE_NAME, ManifestError,
+                             check_format, norm_array, pixels_chunk_path, read_manifest,
+                             sha256_file)
 from shards.metadata import SITES_TABLE_COLUMNS
 
 _SITES_DTYPES = {"row": np.int64, "split": str, "id_code": str, "experiment": str,
@@ -46,29 +47,29 @@ class StoreError(BadInput):
 
 
 REPAIR_HINT = "re-run `python -m prep shards DATA_DIR OUT_DIR` to repair it"
-NORM_ARRAYS = tuple(f"norm_{m}" for m in NORM_MODES if m != "none")
-# The pixels array has one chunk file per site: `c.<row>.0.0.0` (see prep).
-PIXELS_CHUNK = "c.{row}.0.0.0"
+NORM_ARRAYS = tuple(norm_array(m) for m in NORM_MODES if m != "none")
 
 
 def array_shapes(manifest: dict) -> dict[str, tuple[int, ...]]:
     """Every array the manifest promises in store.zarr, with its shape."""
     n = manifest["n_sites"]
-    shapes = {"pixels": (n, *manifest["image_shape"]), "stats": (n, N_CHANNELS, len(STAT_NAMES))}
+    shapes = {PIXELS_ARRAY: (n, *manifest["image_shape"]),
+              STATS_ARRAY: (n, N_CHANNELS, len(STAT_NAMES))}
     shapes.update({name: (n, N_CHANNELS, 2) for name in NORM_ARRAYS})
     return shapes
 
 
 def missing_chunk_rows(root: str, n_sites: int) -> list[int]:
     """Rows whose pixels chunk file is absent or empty (one directory listing, no reads)."""
-    folder = os.path.join(root, STORE_NAME, "pixels")
+    folder = os.path.dirname(pixels_chunk_path(root, 0))
     sizes = {}
     if os.path.isdir(folder):
         with os.scandir(folder) as it:
             for e in it:
                 if e.name.startswith("c."):
                     sizes[e.name] = e.stat().st_size
-    return [r for r in range(n_sites) if sizes.get(PIXELS_CHUNK.format(row=r), 0) <= 0]
+    return [r for r in range(n_sites)
+            if sizes.get(os.path.basename(pixels_chunk_path(root, r)), 0) <= 0]
 
 
 def check_structure(root: str, manifest: dict) -> list[str]:
@@ -84,8 +85,8 @@ def check_structure(root: str, manifest: dict) -> list[str]:
     for name, shape in array_shapes(manifest).items():
         problems += _check_array(os.path.join(store, name), name, shape)
     missing = missing_chunk_rows(root, manifest["n_sites"])
-    if missing and os.path.isfile(os.path.join(store, "pixels", "zarr.json")):
-        first = os.path.join(store, "pixels", PIXELS_CHUNK.format(row=missing[0]))
+    if missing and os.path.isfile(os.path.join(store, PIXELS_ARRAY, "zarr.json")):
+        first = pixels_chunk_path(root, missing[0])
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         problems.append(f"{first}: pixels chunk of row {missing[0]} missing or empty{more}")
     for s in manifest["shards"]:
@@ -117,7 +118,7 @@ def _check_array(path: str, name: str, shape: tuple[int, ...]) -> list[str]:
         return [f"{meta_path}: unreadable metadata of array {name} ({e})"]
     if have != tuple(shape):
         return [f"{path}: array {name} has shape {have}, manifest says {tuple(shape)}"]
-    if name == "pixels":
+    if name == PIXELS_ARRAY:
         return []  # one chunk per site: checked from one listing by missing_chunk_rows
     grid = [range(math.ceil(n / c)) for n, c in zip(have, chunks)]
     for idx in itertools.product(*grid):
@@ -149,15 +150,15 @@ class Store:
             out[..., 1] = 255.0
             return out
         try:
-            return self.group[f"norm_{mode}"][:]
+            return self.group[norm_array(mode)][:]
         except KeyError:
-            raise StoreError(f"{os.path.join(self.root, STORE_NAME, 'norm_' + mode)}: array "
-                             f"norm_{mode} missing; {REPAIR_HINT}") from None
+            raise StoreError(f"{os.path.join(self.root, STORE_NAME, norm_array(mode))}: array "
+                             f"{norm_array(mode)} missing; {REPAIR_HINT}") from None
 
     def read_site(self, row: int) -> np.ndarray:
         """(H, W, 6) uint8 pixels of `row`; StoreError if its chunk file is gone (zarr
         would return zeros for a missing chunk, silently)."""
-        chunk = os.path.join(self.root, STORE_NAME, "pixels", PIXELS_CHUNK.format(row=int(row)))
+        chunk = pixels_chunk_path(self.root, row)
         if not os.path.isfile(chunk):
             raise StoreError(f"{chunk}: pixels chunk of row {row} missing; {REPAIR_HINT}")
         return self.pixels[int(row)]
@@ -211,7 +212,7 @@ def open_store(out_dir, check: bool = True) -> Store:
     try:
         group = zarr.open_group(store_path, mode="r")
         check_format(dict(group.attrs), store_path)
-        pixels, stats = group["pixels"], group["stats"][:]
+        pixels, stats = group[PIXELS_ARRAY], group[STATS_ARRAY][:]
     except ManifestError as e:
         raise StoreError(str(e)) from None
     except (FileNotFoundError, KeyError, ValueError) as e:
