@@ -78,3 +78,9 @@ def per_row(sites, values) -> np.ndarray:
     out = np.full(int(rows.max()) + 1 if len(rows) else 0, -1, np.int64)
     out[rows] = values
     return out
+
+
+def well_of_row(sites, wells) -> np.ndarray:
+    """Per row number a loader over `sites` yields, the index of its well in `wells` (-1
+    outside them): what `WellMeans` averages into."""
+    return per_row(sites, well_index(sites["id_code"].to_numpy(), wells["id_code"].to_numpy()))

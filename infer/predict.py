@@ -41,7 +41,7 @@ from common.distributed import Dist, init_distributed
 from common.precision import AMP_MODES, amp_dtype, autocast
 from common.run_layout import (channels_dirname, checkpoint_path, find_run_dirs, fold_dirname,
                                run_subdir)
-from common.well_logits import WellMeans, per_row, well_index
+from common.well_logits import WellMeans, well_of_row
 from infer import InferError
 from infer.predictions import PRED_FILE, pred_dir, write_predictions
 from infer.wells import experiments_of, int_column, load_test_wells
@@ -188,12 +188,6 @@ def setup(device=None) -> tuple[Dist, torch.device]:
         return init_distributed(device)
     except ValueError as e:
         raise InferError(f"--device: {e}") from None
-
-
-def well_of_row(sites: pd.DataFrame, wells: pd.DataFrame) -> np.ndarray:
-    """Per row number the loader yields (the sites table's `row`, else its position), the
-    index of its well in `wells` (-1 outside the selection)."""
-    return per_row(sites, well_index(sites["id_code"].to_numpy(), wells["id_code"].to_numpy()))
 
 
 def run_amp(amp, rc: dict) -> str:

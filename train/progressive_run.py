@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from common.well_logits import WellMeans, well_index
+from common.well_logits import WellMeans, well_of_row
 from shards.plate_groups import derive_groups
 from train.progressive_pseudo import ProgressiveSchedule, progressive_labels
 
@@ -82,8 +82,7 @@ class ProgressiveRun:
 def predict_probs(model, step, loader, wells, device, dtype, channels_last, d) -> np.ndarray:
     """(n_wells, n_sirna columns) softmax of the per-well mean logits of `wells`."""
     model.eval()
-    means = WellMeans(well_index(loader.sites["id_code"].to_numpy(), wells["id_code"]),
-                      len(wells))
+    means = WellMeans(well_of_row(loader.sites, wells), len(wells))
     for images, _labels, rows in loader:
         images = images.to(device, non_blocking=True)
         if channels_last:

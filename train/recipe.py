@@ -24,7 +24,7 @@ from tqdm import tqdm
 import shards
 from common.errors import BadInput
 from common.precision import amp_dtype
-from common.well_logits import WellMeans, well_index
+from common.well_logits import WellMeans, well_of_row
 from train import checkpoint as ckpt
 from train import ddp, stages
 from train.batch_step import BatchStep
@@ -250,8 +250,7 @@ def validate(model, step, loader, wells, device, dtype, channels_last, d) -> dic
     """Both sites of each valid well through the model; logits averaged per well."""
     model.eval()
     t0 = time.perf_counter()
-    means = WellMeans(well_index(loader.sites["id_code"].to_numpy(), wells["id_code"]),
-                      len(wells))
+    means = WellMeans(well_of_row(loader.sites, wells), len(wells))
     for images, _labels, rows in loader:
         logits = step.predict(model, _to_device(images, device, channels_last), rows, device,
                               dtype)
