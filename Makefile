@@ -20,7 +20,7 @@ FOLDS    ?= 0
 DEMO_OUT ?= demo_out
 
 .PHONY: setup test synth folds shards verify train-control train-finetune train-pseudo \
-        predict ensemble demo bench bench-prep bench-loader bench-train gpu-check compare clean
+        predict ensemble demo bench bench-prep bench-loader bench-train gpu-check compare compare-long clean
 
 setup: $(STAMP)
 
@@ -78,11 +78,18 @@ bench-loader: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m bench.train
 
-# The reference recipe against the plus recipe (configs/plus.yml) over 3 data seeds, and each
-# plus technique alone on seed 0, on the demo preset (about an hour on a 2-core CPU host).
-# Writes bench/results_compare.json and its table into bench/results.md.
+# The reference recipe against the plus recipe (configs/plus.yml), and each plus technique
+# alone on top of the reference, over 3 data seeds on the demo preset (about an hour on a
+# 2-core CPU host). Writes bench/results_compare.json and its table into bench/results.md.
 compare: $(STAMP)
 	$(PY) -m bench.compare --out-dir compare_out
+
+# The same two recipes with three times the demo's Part II (stage1 15 epochs), 3 seeds
+# (about 40 minutes). Writes bench/results_compare_long.json.
+compare-long: $(STAMP)
+	$(PY) -m bench.compare --out-dir compare_long --techniques none \
+	    --config-overrides configs/demo.yml,configs/demo_long.yml \
+	    --results bench/results_compare_long.json
 
 # Every GPU path proven and measured (one H200 run, <= 8 min); without a GPU the CPU
 # parts on a 128 px store, exit 0. Writes bench/results_gpu.json.
@@ -90,4 +97,4 @@ gpu-check: $(STAMP)
 	$(PY) -m bench.gpu_check
 
 clean:
-	rm -rf out data $(DEMO_OUT) compare_out .pytest_cache
+	rm -rf out data $(DEMO_OUT) compare_out compare_long .pytest_cache

@@ -3,8 +3,10 @@ plus technique alone on top of the reference, on the demo preset with the demo's
 budget (configs/demo.yml), through predict-all and the plate-constrained ensemble.
 
     python -m bench.compare [--seeds 0,1,2] [--techniques all|none|cutmix,arcface,...]
-                            [--technique-seeds 0] [--channels "[1,2,3,4,5]"] [--folds 0]
+                            [--technique-seeds 0,1,2] [--channels "[1,2,3,4,5]"] [--folds 0]
                             [--out-dir compare_out] [--workers N]
+                            [--config-overrides configs/demo.yml[,configs/demo_long.yml]]
+                            [--results bench/results_compare.json]
 
 Per data seed: synth (preset demo, that seed) -> shards -> folds -> one Part I (control)
 model, which every recipe of that seed starts from -> for each recipe a Part II run per
@@ -14,6 +16,9 @@ and the plus recipe run on every seed of --seeds; each technique alone on --tech
 Every step is the real command (printed; its output in OUT/compare.log); finished steps are
 skipped on a re-run.  Writes bench/results_compare.json and its table into bench/results.md
 (through bench.report).  About an hour on a 2-core CPU host: a benchmark, not a test.
+`make compare-long` runs the two recipes with stage1 three times as long
+(configs/demo_long.yml) into bench/results_compare_long.json.  The progressive pseudo labels
+are fitted to stage1's epochs (progressive_epochs).
 """
 from __future__ import annotations
 
@@ -38,21 +43,35 @@ PY = sys.executable
 RESULTS = os.path.join(HERE, "results_compare.json")
 PLUS_YML = os.path.join(ROOT, "configs", "plus.yml")
 DEMO_YML = "configs/demo.yml"
-# The demo's stage1 has 5 epochs: progressive pseudo labels from its 3rd, all by its 5th.
-DEMO_PROGRESSIVE = {"start_epoch": 2, "full_epoch": 4}
+DEMO_STAGE1_EPOCHS = 5
 
 
-def _plus() -> dict:
+def progressive_epochs(stage1_epochs: int) -> dict:
+    """plus.yml's progressive pseudo labels start at stage1's 10th of 30 epochs; a shorter
+    run starts them at 40 % of its stage1 and labels every test well for its last epoch
+    (the demo's 5 epochs: from the 3rd, all by the 5th)."""
+    return {"start_epoch": round(0.4 * stage1_epochs), "full_epoch": stage1_epochs - 1}
+
+
+def stage1_epochs(config_overrides: str) -> int:
+    """Stage1's epochs of Part II under `config_overrides` (what the progressive labels fit)."""
+    from train.config import load_config
+    cfg = load_config("finetune", os.path.join(ROOT, "configs", "finetune.yml"),
+                      overrides=config_overrides)
+    return int(cfg.stages.stage1.state_params.num_epochs)
+
+
+def _plus(epochs: int = DEMO_STAGE1_EPOCHS) -> dict:
     with open(PLUS_YML) as f:
         plus = yaml.safe_load(f)
-    plus["stages"]["data_params"]["progressive_pseudo"].update(DEMO_PROGRESSIVE)
+    plus["stages"]["data_params"]["progressive_pseudo"].update(progressive_epochs(epochs))
     return plus
 
 
-def technique_overlays() -> dict[str, dict]:
-    """Each technique alone, with the values of configs/plus.yml (the demo's epochs for the
-    progressive pseudo labels)."""
-    plus = _plus()
+def technique_overlays(epochs: int = DEMO_STAGE1_EPOCHS) -> dict[str, dict]:
+    """Each technique alone, with the values of configs/plus.yml (progressive pseudo labels
+    fitted to a stage1 of `epochs` epochs)."""
+    plus = _plus(epochs)
     mp, dp = plus["model_params"], plus["stages"]["data_params"]
 
     def data(**kw):
@@ -131,7 +150,8 @@ def summarize(runs: list[dict]) -> list[dict]:
 def format_table(results: dict) -> str:
     c = results["config"]
     lines = [f"### make compare — preset `{c['preset']}`, model `{c['model']}`, "
-             f"subsets {', '.join(c['channels'])}, folds {c['folds']}", "",
+             f"subsets {', '.join(c['channels'])}, folds {c['folds']}, "
+             f"overrides `{c.get('overrides', DEMO_YML)}`", "",
              "Test accuracy of the ensemble (mean ± sd over data seeds); Δ = plate-assigned "
              "accuracy minus the reference's on the same seeds.", "",
              "| recipe | seeds | no assignment | plate assignment | Δ vs reference | "
@@ -219,10 +239,11 @@ class Pipeline:
                 "seconds": round(time.time() - t0, 1)}
 
 
-def _write_overlays(out_dir: str) -> dict[str, str]:
+def _write_overlays(out_dir: str, epochs: int) -> dict[str, str]:
     """The overlay file of every recipe but the reference (plus, +technique)."""
     os.makedirs(out_dir, exist_ok=True)
-    files = {"plus": _plus(), **{f"+{t}": o for t, o in technique_overlays().items()}}
+    files = {"plus": _plus(epochs),
+             **{f"+{t}": o for t, o in technique_overlays(epochs).items()}}
     paths = {}
     for name, overlay in files.items():
         path = os.path.join(out_dir, f"overlay_{name.lstrip('+')}.yml")
@@ -231,7 +252,7 @@ def _write_overlays(out_dir: str) -> dict[str, str]:
     return paths
 
 
-def main(seeds="0,1,2", techniques="all", technique_seeds="0", channels="[1,2,3,4,5]",
+def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,2,3,4,5]",
          folds="0", out_dir="compare_out", model_name="resnet18", workers=None,
          results=RESULTS, preset="demo", config_overrides=DEMO_YML):
     """Train, predict and score the reference recipe, the plus recipe and each technique
@@ -243,7 +264,7 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0", channels="[1,2,3,
     subsets = [channels_dirname(s) for s in parse_subsets(channels, "--channels")]
     fold_list = parse_folds(folds, 5, "--folds")
     out_dir = os.path.abspath(out_dir)
-    overlays = _write_overlays(out_dir)
+    overlays = _write_overlays(out_dir, stage1_epochs(config_overrides))
     from bench.report import machine
     log = open(os.path.join(out_dir, "compare.log"), "a")
     p = Pipeline(out_dir, subsets, fold_list, model_name, workers or os.cpu_count() or 1, log,
@@ -252,7 +273,9 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0", channels="[1,2,3,
     if os.path.isfile(results):   # a re-run keeps what an earlier one measured with this plan
         with open(results) as f:
             old = json.load(f)
-        if old.get("config", {}).get("out_dir") == out_dir and old["config"].get("preset") == preset:
+        oc = old.get("config", {})
+        if (oc.get("out_dir"), oc.get("preset"), oc.get("overrides")) == (out_dir, preset,
+                                                                           config_overrides):
             done = {(r["recipe"], r["seed"]): r for r in old["runs"]}
     config = {"preset": preset, "model": model_name, "channels": subsets, "folds": fold_list,
               "seeds": seed_list, "technique_seeds": tech_seeds, "techniques": techs,
@@ -268,9 +291,9 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0", channels="[1,2,3,
         out = {"config": config, "machine": machine(), "runs": runs}
         write_bytes(results, json.dumps(out, indent=1))   # after every recipe: a partial table
     print("\n" + format_table(out))
-    if os.path.abspath(results) == RESULTS:   # bench/results.md shows the default file only
-        from bench import report
-        report.main()
+    from bench import report
+    if os.path.abspath(results) in map(report.result_path, report.PARTS):
+        report.main()     # bench/results.md shows bench/results_compare(_long).json only
     else:
         print(f"wrote {results}")
 

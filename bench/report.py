@@ -1,5 +1,5 @@
-"""`make bench` (last step): merge bench/results_{prep,loader,train,compare}.json into
-bench/results.json and a markdown table bench/results.md, with the machine."""
+"""`make bench` (last step): merge bench/results_{prep,loader,train,compare,compare_long}.json
+into bench/results.json and a markdown table bench/results.md, with the machine."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,15 @@ from shards.atomic import write_bytes
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+PARTS = ("prep", "loader", "train", "compare", "compare_long")
+
+
+def result_path(name: str) -> str:
+    return os.path.join(HERE, f"results_{name}.json")
+
+
 def _load(name):
-    path = os.path.join(HERE, f"results_{name}.json")
+    path = result_path(name)
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
@@ -59,17 +66,18 @@ def table(results: dict) -> str:
             lines.append(f"| train {c['model']} {c['image_size']} px, batch {c['batch_size']} | "
                          f"img/s synthetic / with loader | {c['synthetic']['images_per_s']:.1f} / "
                          f"{c['loader']['images_per_s']:.1f} | loader keeps up |")
-    if results.get("compare"):   # make compare's table (bench/compare.py)
-        from bench.compare import format_table
-        lines += ["", format_table(results["compare"])]
+    for name in ("compare", "compare_long"):   # make compare(-long)'s tables (bench/compare.py)
+        if results.get(name):
+            from bench.compare import format_table
+            lines += ["", format_table(results[name])]
     return "\n".join(lines)
 
 
 def main():
-    """Merge bench/results_{prep,loader,train,compare}.json into bench/results.json and
-    bench/results.md."""
+    """Merge bench/results_{prep,loader,train,compare,compare_long}.json into
+    bench/results.json and bench/results.md."""
     results = {"machine": machine()}
-    for name in ("prep", "loader", "train", "compare"):
+    for name in PARTS:
         r = _load(name)
         if r is not None:
             results[name] = r

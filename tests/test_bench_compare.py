@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from bench.compare import (TECHNIQUES, format_table, parse_techniques, plan, summarize,
-                           technique_overlays)
+from bench.compare import (TECHNIQUES, format_table, parse_techniques, plan,
+                           progressive_epochs, stage1_epochs, summarize, technique_overlays)
 from common.errors import BadInput
 from train.config import load_config
 
@@ -54,6 +54,21 @@ def test_each_technique_overlay_is_a_valid_config_on_the_demo(name, tmp_path):
     on = cfg.to_dict()
     off = load_config("finetune", "configs/finetune.yml", overrides="configs/demo.yml").to_dict()
     assert on != off and on["model_params"]["model_name"] == "resnet18"
+
+
+@pytest.mark.parametrize("overrides", ["configs/demo.yml", "configs/demo.yml,configs/demo_long.yml"])
+def test_progressive_labels_fit_the_runs_stage1(overrides, tmp_path):
+    """The plus overlay's progressive pseudo labels start at 40 % of stage1 and label every
+    test well for its last epoch, so they run within the demo's (or the long demo's) epochs."""
+    epochs = stage1_epochs(overrides)
+    assert epochs == (15 if "long" in overrides else 5)
+    assert progressive_epochs(5) == {"start_epoch": 2, "full_epoch": 4}
+    p = tmp_path / "plus.yml"
+    p.write_text(yaml.safe_dump(technique_overlays(epochs)["progressive_pseudo"]))
+    cfg = load_config("finetune", "configs/finetune.yml", overrides=f"{overrides},{p}")
+    pp = cfg.stages.data_params.to_dict()["progressive_pseudo"]
+    assert (pp["start_epoch"], pp["full_epoch"]) == (round(0.4 * epochs), epochs - 1)
+    assert pp["full_epoch"] < cfg.stages.stage1.state_params.num_epochs
 
 
 def fake_runs():
