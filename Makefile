@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 synth: $(STAMP)
 	$(PY) -m prep synth --out-dir $(DATA_DIR) --preset $(PRESET) --layout $(LAYOUT)
