@@ -61,11 +61,31 @@ def stage1_epochs(config_overrides: str) -> int:
     return int(cfg.stages.stage1.state_params.num_epochs)
 
 
-def _plus(epochs: int = DEMO_STAGE1_EPOCHS) -> dict:
+def _plus(epochs: int = DEMO_STAGE1_EPOCHS, without=()) -> dict:
+    """configs/plus.yml (progressive labels fitted to `epochs`), less the techniques
+    `without` names."""
     with open(PLUS_YML) as f:
         plus = yaml.safe_load(f)
-    plus["stages"]["data_params"]["progressive_pseudo"].update(progressive_epochs(epochs))
+    mp, dp = plus["model_params"], plus["stages"]["data_params"]
+    dp["progressive_pseudo"].update(progressive_epochs(epochs))
+    for t in without:
+        if t == "controls_as_classes":
+            del mp["num_classes"]
+            dp["controls_as_classes"] = False
+        elif t == "cell_type":
+            mp["cell_type_input"] = False
+        elif t == "arcface":
+            del mp["arcface"]
+        elif t == "tta":
+            plus["predict_params"]["tta"] = 1
+        else:
+            del dp[t]
     return plus
+
+
+def plus_name(without=()) -> str:
+    """The plus recipe's name in the table: `plus`, or `plus-cutmix-zoom` without those."""
+    return "-".join(["plus", *without])
 
 
 def technique_overlays(epochs: int = DEMO_STAGE1_EPOCHS) -> dict[str, dict]:
@@ -94,25 +114,25 @@ def technique_overlays(epochs: int = DEMO_STAGE1_EPOCHS) -> dict[str, dict]:
 TECHNIQUES = tuple(technique_overlays())
 
 
-def parse_techniques(value) -> list[str]:
+def parse_techniques(value, option: str = "--techniques") -> list[str]:
     if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
         return list(TECHNIQUES)
     if isinstance(value, str) and value.strip().lower() == "none":
         return []
-    names = parse_names(value, "--techniques")
+    names = parse_names(value, option)
     bad = [n for n in names if n not in TECHNIQUES]
     if bad:
-        raise BadInput(f"--techniques: unknown {bad}; choose from {', '.join(TECHNIQUES)}, "
+        raise BadInput(f"{option}: unknown {bad}; choose from {', '.join(TECHNIQUES)}, "
                        "all or none")
     return names
 
 
-def plan(seeds: list[int], techniques: list[str], technique_seeds: list[int]):
+def plan(seeds: list[int], techniques: list[str], technique_seeds: list[int], plus="plus"):
     """(recipe, seed) pairs in the order they run: per seed the reference, plus, techniques."""
     out = []
     for s in seeds + [t for t in technique_seeds if t not in seeds]:
         if s in seeds:
-            out += [("reference", s), ("plus", s)]
+            out += [("reference", s), (plus, s)]
         if s in technique_seeds:
             if s not in seeds and "tta" in techniques:
                 out.append(("reference", s))   # +tta predicts the reference's runs
@@ -239,10 +259,10 @@ class Pipeline:
                 "seconds": round(time.time() - t0, 1)}
 
 
-def _write_overlays(out_dir: str, epochs: int) -> dict[str, str]:
+def _write_overlays(out_dir: str, epochs: int, without=()) -> dict[str, str]:
     """The overlay file of every recipe but the reference (plus, +technique)."""
     os.makedirs(out_dir, exist_ok=True)
-    files = {"plus": _plus(epochs),
+    files = {plus_name(without): _plus(epochs, without),
              **{f"+{t}": o for t, o in technique_overlays(epochs).items()}}
     paths = {}
     for name, overlay in files.items():
@@ -254,17 +274,23 @@ def _write_overlays(out_dir: str, epochs: int) -> dict[str, str]:
 
 def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,2,3,4,5]",
          folds="0", out_dir="compare_out", model_name="resnet18", workers=None,
-         results=RESULTS, preset="demo", config_overrides=DEMO_YML):
+         results=RESULTS, preset="demo", config_overrides=DEMO_YML, plus_without="none"):
     """Train, predict and score the reference recipe, the plus recipe and each technique
-    alone (see the module's help); write the table.  --preset tiny --config-overrides
-    configs/tiny.yml --model-name test_resnet --results OUT.json: a smoke run in minutes."""
+    alone (see the module's help); write the table.  --plus-without cutmix,zoom: the plus
+    recipe less those techniques, in the plus recipe's place.  --preset tiny
+    --config-overrides configs/tiny.yml --model-name test_resnet --results OUT.json: a smoke
+    run in minutes."""
     seed_list = parse_folds(seeds, None, "--seeds")
     tech_seeds = parse_folds(technique_seeds, None, "--technique-seeds")
     techs = parse_techniques(techniques)
+    without = tuple(parse_techniques(plus_without, "--plus-without"))
+    if len(without) == len(TECHNIQUES):
+        raise BadInput("--plus-without: that leaves nothing of the plus recipe (the reference "
+                       "is measured anyway); name some techniques, or none")
     subsets = [channels_dirname(s) for s in parse_subsets(channels, "--channels")]
     fold_list = parse_folds(folds, 5, "--folds")
     out_dir = os.path.abspath(out_dir)
-    overlays = _write_overlays(out_dir, stage1_epochs(config_overrides))
+    overlays = _write_overlays(out_dir, stage1_epochs(config_overrides), without)
     from bench.report import machine
     log = open(os.path.join(out_dir, "compare.log"), "a")
     p = Pipeline(out_dir, subsets, fold_list, model_name, workers or os.cpu_count() or 1, log,
@@ -279,9 +305,9 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,
             done = {(r["recipe"], r["seed"]): r for r in old["runs"]}
     config = {"preset": preset, "model": model_name, "channels": subsets, "folds": fold_list,
               "seeds": seed_list, "technique_seeds": tech_seeds, "techniques": techs,
-              "overrides": config_overrides, "out_dir": out_dir}
+              "overrides": config_overrides, "plus_without": list(without), "out_dir": out_dir}
     runs, prepared = [], set()
-    for name, seed in plan(seed_list, techs, tech_seeds):
+    for name, seed in plan(seed_list, techs, tech_seeds, plus_name(without)):
         if (name, seed) not in done:
             if seed not in prepared:
                 p.prepare(seed)

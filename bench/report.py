@@ -1,4 +1,4 @@
-"""`make bench` (last step): merge bench/results_{prep,loader,train,compare,compare_long}.json
+"""`make bench` (last step): merge bench/results_{prep,loader,train,compare*}.json
 into bench/results.json and a markdown table bench/results.md, with the machine."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from shards.atomic import write_bytes
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-PARTS = ("prep", "loader", "train", "compare", "compare_long")
+PARTS = ("prep", "loader", "train", "compare", "compare_long", "compare_selected")
 
 
 def result_path(name: str) -> str:
@@ -66,7 +66,7 @@ def table(results: dict) -> str:
             lines.append(f"| train {c['model']} {c['image_size']} px, batch {c['batch_size']} | "
                          f"img/s synthetic / with loader | {c['synthetic']['images_per_s']:.1f} / "
                          f"{c['loader']['images_per_s']:.1f} | loader keeps up |")
-    for name in ("compare", "compare_long"):   # make compare(-long)'s tables (bench/compare.py)
+    for name in PARTS[3:]:   # make compare(-long, -selected)'s tables (bench/compare.py)
         if results.get(name):
             from bench.compare import format_table
             lines += ["", format_table(results[name])]
@@ -74,7 +74,7 @@ def table(results: dict) -> str:
 
 
 def main():
-    """Merge bench/results_{prep,loader,train,compare,compare_long}.json into
+    """Merge bench/results_{prep,loader,train,compare*}.json into
     bench/results.json and bench/results.md."""
     results = {"machine": machine()}
     for name in PARTS:

@@ -7,8 +7,9 @@ import sys
 import pytest
 import yaml
 
-from bench.compare import (TECHNIQUES, format_table, parse_techniques, plan,
-                           progressive_epochs, stage1_epochs, summarize, technique_overlays)
+from bench.compare import (TECHNIQUES, _plus, format_table, parse_techniques, plan,
+                           plus_name, progressive_epochs, stage1_epochs, summarize,
+                           technique_overlays)
 from common.errors import BadInput
 from train.config import load_config
 
@@ -69,6 +70,28 @@ def test_progressive_labels_fit_the_runs_stage1(overrides, tmp_path):
     pp = cfg.stages.data_params.to_dict()["progressive_pseudo"]
     assert (pp["start_epoch"], pp["full_epoch"]) == (round(0.4 * epochs), epochs - 1)
     assert pp["full_epoch"] < cfg.stages.stage1.state_params.num_epochs
+
+
+def test_plus_without_drops_exactly_those_techniques(tmp_path):
+    """--plus-without cutmix,zoom,progressive_pseudo: the plus overlay less those three, a
+    valid config whose other techniques stay as plus.yml has them."""
+    without = ("cutmix", "zoom", "progressive_pseudo")
+    assert plus_name(without) == "plus-cutmix-zoom-progressive_pseudo" and plus_name() == "plus"
+    p = tmp_path / "v.yml"
+    p.write_text(yaml.safe_dump(_plus(5, without)))
+    v = load_config("finetune", "configs/finetune.yml", overrides=f"configs/demo.yml,{p}")
+    p.write_text(yaml.safe_dump(_plus(5)))
+    full = load_config("finetune", "configs/finetune.yml", overrides=f"configs/demo.yml,{p}")
+    vd, fd = v.stages.data_params.to_dict(), full.stages.data_params.to_dict()
+    assert [vd[t] for t in without] == [None, None, None] and all(fd[t] for t in without)
+    assert vd["jitter"] == fd["jitter"] and vd["controls_as_classes"] is True
+    assert v.model_params.to_dict() == full.model_params.to_dict()
+    assert plan([3], [], [], plus_name(without)) == [("reference", 3), (plus_name(without), 3)]
+    out = _run("--plus-without", "all", "--out-dir", str(tmp_path / "c"))
+    assert out.returncode == 2 and "--plus-without: that leaves nothing" in out.stderr
+    out = _run("--plus-without", "mixup", "--out-dir", str(tmp_path / "c"))
+    assert out.returncode == 2 and "--plus-without: unknown ['mixup']" in out.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def fake_runs():

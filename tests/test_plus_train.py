@@ -147,6 +147,52 @@ def test_plus_pseudo_trains_from_the_control_model(env, trained):
     assert out["history"][0]["samples"] > len(train) + len(pseudo)   # + the control wells
 
 
+PLUS_TORCHRUN = """
+import sys, torch
+from train.config import load_config
+from train.recipe import fit
+store, csv, logdir, control, out = sys.argv[1:6]
+cfg = load_config("finetune", "configs/finetune.yml", overrides="%s", channels="%s",
+                  shards=store, logdir=logdir, dotted={
+                      "args.pretrained_control": control,
+                      "stages.data_params.train_csv": csv + "/train_{fold}.csv",
+                      "stages.data_params.valid_csv": csv + "/valid_{fold}.csv",
+                      "stages.data_params.batch_size": 8,
+                      "stages.stage0.state_params.num_epochs": 0,
+                      "stages.stage1.state_params.num_epochs": 2,
+                      "stages.data_params.progressive_pseudo.start_epoch": 1,
+                      "stages.data_params.progressive_pseudo.full_epoch": 1})
+res = fit(cfg)
+torch.distributed.barrier()
+rank = torch.distributed.get_rank()
+torch.save({"state": res["model"].state_dict(), "history": res["history"]}, f"{out}/rank{rank}.pt")
+""" % (OVERLAY, SUBSET)
+
+
+def test_plus_finetune_under_torchrun_keeps_the_ranks_identical(env, trained, tmp_path):
+    """Two gloo ranks of the plus recipe (CutMix/jitter/zoom drawn per rank, ArcFace, the
+    cell-type head, progressive labels from all-reduced predictions) end with one model."""
+    script = tmp_path / "plus_ddp.py"
+    script.write_text(PLUS_TORCHRUN)
+    control = env["root"] / "logs" / "control" / SUBSET / "test_resnet" / "checkpoints/best.pth"
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script), env["store"],
+                        env["csv"], str(tmp_path / "logs"), str(control), str(tmp_path)], cwd=REPO,
+                       env=dict(os.environ, OMP_NUM_THREADS="1",
+                                PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    a, b = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in (0, 1))
+    assert a["state"].keys() == b["state"].keys()
+    assert all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+    from shards import open_store
+    sites = open_store(env["store"]).sites
+    n_test = sites[(sites["split"] == "test") & (sites["well_type"] == "treatment")]["id_code"].nunique()
+    assert [h.get("pseudo_labelled") for h in a["history"]] == [n_test, None]
+    assert [h["samples"] for h in a["history"]] == [h["samples"] for h in b["history"]]
+    assert all(np.isfinite(h["train_loss"]) for h in a["history"])
+
+
 # ------------------------------------------------------------------ the keys
 
 def tiny(part="finetune", overrides=OVERLAY, **dotted):
