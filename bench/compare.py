@@ -7,6 +7,7 @@ budget (configs/demo.yml), through predict-all and the plate-constrained ensembl
                             [--out-dir compare_out] [--workers N]
                             [--config-overrides configs/demo.yml[,configs/demo_long.yml]]
                             [--results bench/results_compare.json]
+                            [--plus-without none|cutmix,zoom,...]
 
 Per data seed: synth (preset demo, that seed) -> shards -> folds -> one Part I (control)
 model, which every recipe of that seed starts from -> for each recipe a Part II run per
@@ -318,8 +319,8 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,
         write_bytes(results, json.dumps(out, indent=1))   # after every recipe: a partial table
     print("\n" + format_table(out))
     from bench import report
-    if os.path.abspath(results) in map(report.result_path, report.PARTS):
-        report.main()     # bench/results.md shows bench/results_compare(_long).json only
+    if os.path.abspath(results) in map(report.result_path, report.COMPARE_PARTS):
+        report.main()     # bench/results.md shows the three bench/results_compare*.json only
     else:
         print(f"wrote {results}")
 

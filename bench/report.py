@@ -11,7 +11,9 @@ from shards.atomic import write_bytes
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-PARTS = ("prep", "loader", "train", "compare", "compare_long", "compare_selected")
+# make compare, make compare-long and make compare-selected (bench/compare.py).
+COMPARE_PARTS = ("compare", "compare_long", "compare_selected")
+PARTS = ("prep", "loader", "train", *COMPARE_PARTS)
 
 
 def result_path(name: str) -> str:
@@ -66,7 +68,7 @@ def table(results: dict) -> str:
             lines.append(f"| train {c['model']} {c['image_size']} px, batch {c['batch_size']} | "
                          f"img/s synthetic / with loader | {c['synthetic']['images_per_s']:.1f} / "
                          f"{c['loader']['images_per_s']:.1f} | loader keeps up |")
-    for name in PARTS[3:]:   # make compare(-long, -selected)'s tables (bench/compare.py)
+    for name in COMPARE_PARTS:
         if results.get(name):
             from bench.compare import format_table
             lines += ["", format_table(results[name])]
