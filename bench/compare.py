@@ -36,6 +36,7 @@ import yaml
 from common.arglists import parse_folds, parse_names, parse_subsets
 from common.errors import BadInput, run_cli
 from common.run_layout import channels_dirname
+from bench.compare_table import format_table, summarize  # noqa: F401 (tests, report)
 from shards.atomic import write_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,10 +49,9 @@ DEMO_STAGE1_EPOCHS = 5
 
 
 def progressive_epochs(stage1_epochs: int) -> dict:
-    """plus.yml's progressive pseudo labels start at stage1's 10th of 30 epochs; a shorter
-    run starts them at 40 % of its stage1 and labels every test well for its last epoch
-    (the demo's 5 epochs: from the 3rd, all by the 5th)."""
-    return {"start_epoch": round(0.4 * stage1_epochs), "full_epoch": stage1_epochs - 1}
+    """The 1st place labels from epoch 90 of 130; a shorter stage1 starts at the same share
+    of its epochs (the demo's 5: from the 4th), never before its 2nd."""
+    return {"start_epoch": max(1, round(90 / 130 * stage1_epochs))}
 
 
 def stage1_epochs(config_overrides: str) -> int:
@@ -77,6 +77,10 @@ def _plus(epochs: int = DEMO_STAGE1_EPOCHS, without=()) -> dict:
             mp["cell_type_input"] = False
         elif t == "arcface":
             del mp["arcface"]
+        elif t == "neck":
+            del mp["neck"]
+        elif t == "bn_momentum":
+            del mp["bn_momentum"]
         elif t == "tta":
             plus["predict_params"]["tta"] = 1
         else:
@@ -102,8 +106,11 @@ def technique_overlays(epochs: int = DEMO_STAGE1_EPOCHS) -> dict[str, dict]:
         "controls_as_classes": {"model_params": {"num_classes": mp["num_classes"]},
                                 **data(controls_as_classes=True)},
         "cell_type": {"model_params": {"model": "cell_plus", "cell_type_input": True}},
+        "neck": {"model_params": {"model": "cell_plus", "cell_type_input": False,
+                                  "neck": mp["neck"]}},
         "arcface": {"model_params": {"model": "cell_plus", "cell_type_input": False,
                                      "arcface": mp["arcface"]}},
+        "bn_momentum": {"model_params": {"bn_momentum": mp["bn_momentum"]}},
         "cutmix": data(cutmix=dp["cutmix"]),
         "jitter": data(jitter=dp["jitter"]),
         "zoom": data(zoom=dp["zoom"]),
@@ -139,60 +146,6 @@ def plan(seeds: list[int], techniques: list[str], technique_seeds: list[int], pl
                 out.append(("reference", s))   # +tta predicts the reference's runs
             out += [(f"+{t}", s) for t in techniques]
     return out
-
-
-# ------------------------------------------------------------------ the table
-
-def _mean_sd(values: list[float]) -> str:
-    if not values:
-        return "—"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def summarize(runs: list[dict]) -> list[dict]:
-    """Per recipe (in first-seen order): seeds, accuracies, mean time, and the change of the
-    assigned accuracy against the reference on the same seeds."""
-    recipes = list(dict.fromkeys(r["recipe"] for r in runs))
-    ref = {r["seed"]: r["plate_assignment"] for r in runs if r["recipe"] == "reference"}
-    out = []
-    for name in recipes:
-        rs = [r for r in runs if r["recipe"] == name]
-        deltas = [r["plate_assignment"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
-        out.append({"recipe": name, "seeds": [r["seed"] for r in rs],
-                    "no_assignment": [r["no_assignment"] for r in rs],
-                    "plate_assignment": [r["plate_assignment"] for r in rs],
-                    "delta": deltas if name != "reference" else [],
-                    "seconds": statistics.mean(r["seconds"] for r in rs)})
-    return out
-
-
-def format_table(results: dict) -> str:
-    c = results["config"]
-    lines = [f"### make compare — preset `{c['preset']}`, model `{c['model']}`, "
-             f"subsets {', '.join(c['channels'])}, folds {c['folds']}, "
-             f"overrides `{c.get('overrides', DEMO_YML)}`", "",
-             "Test accuracy of the ensemble (mean ± sd over data seeds); Δ = plate-assigned "
-             "accuracy minus the reference's on the same seeds.", "",
-             "| recipe | seeds | no assignment | plate assignment | Δ vs reference | "
-             "wall time / seed |", "| --- | --- | --- | --- | --- | --- |"]
-    for s in summarize(results["runs"]):
-        delta = "" if s["recipe"] == "reference" else _signed(s["delta"])
-        lines.append(f"| {s['recipe']} | {','.join(map(str, s['seeds']))} | "
-                     f"{_mean_sd(s['no_assignment'])} | {_mean_sd(s['plate_assignment'])} | "
-                     f"{delta} | {s['seconds']:.0f} s |")
-    if results.get("machine"):
-        lines += ["", f"Measured on: {results['machine']}"]
-    return "\n".join(lines)
-
-
-def _signed(values: list[float]) -> str:
-    if not values:
-        return "—"
-    m = statistics.mean(values)
-    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-    return f"{m:+.3f}{sd}"
 
 
 # ------------------------------------------------------------------ the pipeline

@@ -50,7 +50,7 @@ def run_ddp_worker(work: str, device: str = "cuda", steps: int = 5) -> None:
     from common.distributed import init_distributed
     from common.precision import amp_dtype
     from shards.atomic import write_bytes
-    from train.models import create_model
+    from train.factory import create_model
     d, device = init_distributed(device)
     if not dist.is_initialized():       # one GPU: still join a (1-process) NCCL group
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0,

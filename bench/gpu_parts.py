@@ -194,7 +194,7 @@ def loader_throughput(ctx: Ctx) -> dict:
 # ------------------------------------------------------------------ 4./5. training steps
 
 def make_model(ctx: Ctx):
-    from train.models import create_model
+    from train.factory import create_model
     torch.manual_seed(0)
     model = create_model("cell_timm", model_name=ctx.model, num_classes=NUM_CLASSES,
                          n_channels=len(CHANNELS))

@@ -70,7 +70,7 @@ def table(results: dict) -> str:
                          f"{c['loader']['images_per_s']:.1f} | loader keeps up |")
     for name in COMPARE_PARTS:
         if results.get(name):
-            from bench.compare import format_table
+            from bench.compare_table import format_table
             lines += ["", format_table(results[name])]
     return "\n".join(lines)
 

@@ -45,7 +45,7 @@ def sync(device):
 
 def make_step(model_name, device, dtype, channels_last):
     from common.precision import autocast
-    from train.models import create_model
+    from train.factory import create_model
     from train.schedule import make_optimizer
     torch.manual_seed(0)
     model = create_model("cell_senet", model_name=model_name, num_classes=1108,

@@ -24,6 +24,7 @@ FINISHED = "finished.json"
 CONFIG = "config.yml"
 METRICS = "metrics.jsonl"
 CURVES = "curves.png"
+TENSORBOARD = "tensorboard"   # event files (tensorboard --logdir LOGS)
 _FOLD_RE = re.compile(r"^fold_(\d+)$")
 
 

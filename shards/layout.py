@@ -55,6 +55,11 @@ WELL_TYPES = ("treatment", "positive_control", "negative_control")
 # Per-channel statistics, in this order, wherever a stats array appears.
 STAT_NAMES = ("mean", "std", "median", "min", "max")
 NORM_MODES = ("site", "plate", "experiment", "none")
+# What a loader may normalize by: the store's modes, or `sample` — each delivered image by
+# its own per-channel mean and std, taken after the zoom crop (the 1st place's
+# `--data-normalization sample`); it needs no array in the store.
+SAMPLE_NORM = "sample"
+LOADER_NORMS = NORM_MODES + (SAMPLE_NORM,)
 
 _EXPERIMENT_RE = re.compile(r"^([A-Z0-9]+)-(\d{2})$")
 _WELL_RE = re.compile(r"^([A-P])(\d{2})$")

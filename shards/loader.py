@@ -23,8 +23,9 @@ One epoch, per rank (both backends):
    `dali_pipeline.dali_batches` (filtered DALI indexes, GPU or CPU pipeline)
    or `torch_loader.torch_batches` (pread from the same shards, DataLoader).
 6. `deliver`, on the delivery device: channel subset while converting to
-   float32, channel dropout (in pixel space), resize, `(x - mean) / std`
-   with the row's statistics.  Why normalization runs here and not in DALI:
+   float32, channel dropout and the zoom crop (in pixel space), resize,
+   `(x - mean) / std` with the row's statistics (or, with norm `sample`, the
+   delivered image's own).  Why normalization runs here and not in DALI:
    see `shards.dali_pipeline`.
 
 Resize (image_size other than the native size) is antialiased bilinear in
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from shards.augment import draw_plan
+from shards.layout import SAMPLE_NORM
 from shards.loader_spec import LoaderError, LoaderSpec
 from shards.selection import (epoch_order, epoch_rows, locate_rows, rank_batches,
                               resolve_selection, shard_damage, well_sites)
@@ -89,15 +91,18 @@ def make_loader(store_dir, selection, spec: LoaderSpec) -> "Loader":
 @dataclasses.dataclass(frozen=True)
 class Delivery:
     """What `deliver` needs beside a batch: the rows' statistics and labels, and the spec's
-    delivery settings.  `mean`, `std`: (n_sites, C) float32 on `device`; `labels`:
-    (n_sites,) int64 on the CPU; `channel_dropout`: 0 unless augmenting."""
-    mean: torch.Tensor
-    std: torch.Tensor
+    delivery settings.  `mean`, `std`: (n_sites, C) float32 on `device`, or None for the
+    `sample` normalization (each image's own); `labels`: (n_sites,) int64 on the CPU;
+    `channel_dropout`, `zoom_p`: 0 unless augmenting."""
+    mean: torch.Tensor | None
+    std: torch.Tensor | None
     labels: torch.Tensor
     channels: tuple[int, ...]
     image_size: int | None
     channel_dropout: float
     device: torch.device
+    zoom_p: float = 0.0
+    zoom_min_side: float = 1.0
 
 
 class Loader:
@@ -111,17 +116,19 @@ class Loader:
         self.sites = store.sites
         self.image_shape = tuple(store.image_shape)
 
-        stats = torch.from_numpy(store.norm(spec.norm)[:, [c - 1 for c in spec.channels]])
+        stats = None if spec.norm == SAMPLE_NORM else torch.from_numpy(
+            store.norm(spec.norm)[:, [c - 1 for c in spec.channels]])
         labels = np.full(len(store.sites), -1, np.int64)
         for k in range(table.shape[1]):
             held = table[:, k] >= 0
             labels[table[held, k]] = wells["label"].to_numpy()[held]
         self.delivery = Delivery(
-            mean=stats[..., 0].contiguous().to(self.device),
-            std=stats[..., 1].contiguous().to(self.device),
+            mean=None if stats is None else stats[..., 0].contiguous().to(self.device),
+            std=None if stats is None else stats[..., 1].contiguous().to(self.device),
             labels=torch.from_numpy(labels), channels=spec.channels,
             image_size=spec.image_size,
-            channel_dropout=spec.channel_dropout if spec.augment else 0.0, device=self.device)
+            channel_dropout=spec.channel_dropout if spec.augment else 0.0, device=self.device,
+            zoom_p=spec.zoom_p if spec.augment else 0.0, zoom_min_side=spec.zoom_min_side)
         self.shard_paths = store.shard_paths()
         self.run_dir, self._iterations = None, 0
         if self.backend == "dali":
@@ -191,13 +198,15 @@ def deliver(images, rows, d: Delivery, gen):
     """uint8 (b, 6, H, W) -> float32 (b, C, S, S) normalized on `d.device`, labels, rows.
 
     The channel subset is copied while converting to float32 into a fresh
-    output, channel dropout sets one channel of a sample to 0 in pixel space
-    (the reference's ChannelDropout: after normalization it reads -mean/std),
-    then the batch is resized if asked and normalized in place, `(x - mean) /
-    std` with the rows' statistics.  Dropout draws from `gen` per batch, so both
-    backends drop the same channels of the same samples.
+    output; channel dropout sets one channel of a sample to 0 in pixel space
+    (the reference's ChannelDropout: after normalization it reads -mean/std);
+    the zoom crops a square and resizes it back by nearest neighbour, also in
+    pixel space (the 1st place's order); then the batch is resized if asked and
+    normalized in place, `(x - mean) / std` with the rows' statistics, or with
+    each image's own (norm `sample`, taken after the crop).  Dropout and zoom
+    draw from `gen` per batch, so both backends augment the same samples alike.
     """
-    device, channels = d.device, d.channels
+    device = d.device
     images = images.to(device, non_blocking=True)
     rows = rows.to(torch.int64).cpu()
     b, _, h, w = images.shape
@@ -205,23 +214,75 @@ def deliver(images, rows, d: Delivery, gen):
     drop = torch.full((b,), -1, dtype=torch.int64)
     if d.channel_dropout > 0:
         hit = torch.rand(b, generator=gen) < d.channel_dropout
-        which = torch.randint(len(channels), (b,), generator=gen)
+        which = torch.randint(len(d.channels), (b,), generator=gen)
         drop = torch.where(hit, which, drop)
-    if device.type == "cpu":
-        out = _deliver_cpu(images, d.mean[rows], d.std[rows], channels, size, drop)
+    boxes = zoom_boxes(b, h, w, d.zoom_p, d.zoom_min_side, gen) if d.zoom_p > 0 else None
+    if d.mean is None:
+        mean = std = None
+    elif device.type == "cpu":
+        mean, std = d.mean[rows], d.std[rows]
     else:
-        out = torch.empty((b, len(channels), h, w), dtype=torch.float32, device=device)
-        for i, c in enumerate(channels):
-            out[:, i].copy_(images[:, c - 1])
-        for i in torch.nonzero(drop >= 0).flatten().tolist():
-            out[i, drop[i]].zero_()
-        out = _resize(out, size)
         dev_rows = rows.to(device, non_blocking=True)
-        out.sub_(d.mean[dev_rows][:, :, None, None]).div_(d.std[dev_rows][:, :, None, None])
+        mean, std = d.mean[dev_rows], d.std[dev_rows]
+    fn = _deliver_cpu if device.type == "cpu" else deliver_batched
+    out = fn(images, mean, std, d.channels, size, drop, boxes)
     return out, d.labels[rows].to(device, non_blocking=True), rows
 
 
-def _deliver_cpu(images, mean, std, channels, size, drop):
+def zoom_boxes(b: int, h: int, w: int, p: float, min_side: float,
+               gen: torch.Generator) -> list[tuple[int, int, int] | None]:
+    """Per sample, None (not zoomed) or the crop (top, left, side): side uniform in
+    round(min_side * min(h, w))..min(h, w) pixels, the place uniform (dataset.py of the
+    1st place: randint(round(512 * scale_aug), 512), then randint(0, 512 - size))."""
+    full = min(h, w)
+    low = max(1, round(min_side * full))
+    hit = (torch.rand(b, generator=gen) < p).tolist()
+    u = torch.rand(b, 3, generator=gen).tolist()
+    out = []
+    for k in range(b):
+        if not hit[k]:
+            out.append(None)
+            continue
+        side = low + min(int(u[k][0] * (full - low + 1)), full - low)
+        top = min(int(u[k][1] * (h - side + 1)), h - side)
+        left = min(int(u[k][2] * (w - side + 1)), w - side)
+        out.append((top, left, side))
+    return out
+
+
+def _zoom(x, box):
+    """x (n, C, H, W) float: the crop `box` resized back to H x W by nearest neighbour."""
+    top, left, side = box
+    crop = x[..., top:top + side, left:left + side]
+    return F.interpolate(crop, size=tuple(x.shape[-2:]), mode="nearest")
+
+
+def _normalize_(x, mean, std):
+    """In place (x - mean) / std per image and channel; None: each image's own statistics
+    (std with Bessel's correction + 1e-8, as torch's `image.std` in the 1st place)."""
+    if mean is None:
+        mean = x.mean(dim=(-2, -1))
+        std = x.std(dim=(-2, -1)) + 1e-8
+    return x.sub_(mean[..., None, None]).div_(std[..., None, None])
+
+
+def deliver_batched(images, mean, std, channels, size, drop, boxes=None):
+    """`deliver`'s float32 step as whole-batch ops, for any device (the GPU path; the
+    tests run it on CPU tensors against `_deliver_cpu`)."""
+    b, _, h, w = images.shape
+    out = torch.empty((b, len(channels), h, w), dtype=torch.float32, device=images.device)
+    for i, c in enumerate(channels):
+        out[:, i].copy_(images[:, c - 1])
+    for i in torch.nonzero(drop >= 0).flatten().tolist():
+        out[i, drop[i]].zero_()
+    for k, box in enumerate(boxes or ()):
+        if box is not None:
+            out[k:k + 1] = _zoom(out[k:k + 1], box)
+    out = _resize(out, size)
+    return _normalize_(out, mean, std)
+
+
+def _deliver_cpu(images, mean, std, channels, size, drop, boxes=None):
     """The CPU variant of `deliver`'s float32 step, 2-5x faster than whole-batch ops here:
     - one site at a time, so its float32 planes stay in cache between the three passes;
     - on one torch thread: the DALI threads or DataLoader workers already hold the
@@ -242,9 +303,12 @@ def _deliver_cpu(images, mean, std, channels, size, drop):
                     site[i].zero_()  # pixel space: normalization below makes it -mean/std
                 else:
                     site[i].copy_(images[k, c - 1])
+            if boxes is not None and boxes[k] is not None:
+                site.copy_(_zoom(site[None], boxes[k])[0])
             if tmp is not out:
                 out[k] = _resize(tmp, size)[0]
-            out[k].sub_(mean[k, :, None, None]).div_(std[k, :, None, None])
+            _normalize_(out[k:k + 1], None if mean is None else mean[k:k + 1],
+                        None if std is None else std[k:k + 1])
     finally:
         torch.set_num_threads(threads)
     return out

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass, fields
 
 from common.errors import BadInput
-from shards.layout import NORM_MODES, SITES, parse_channels
+from shards.layout import LOADER_NORMS, SITES, parse_channels
 
 SITE_MODES = ("random", "two", "one")
 BACKENDS = ("auto", "dali", "torch")
@@ -38,7 +38,8 @@ class LoaderSpec:
     """What to read and how; see the module docstring.
 
     channels: 1-based subset, a sequence or the reference's string "[1,2,3,5,6]".
-    norm: statistics that normalize a site (`shards.layout.NORM_MODES`).
+    norm: statistics that normalize a site (`shards.layout.LOADER_NORMS`; `sample`: the
+        delivered image's own per-channel mean and std, after the zoom crop).
     sites / site: `random` (one site per well per epoch), `two` (both), `one` (`site`).
     image_size: output side in pixels; None = the store's native size (exact).
     augment: dihedral flips and transposes, shear and channel dropout (training).
@@ -46,6 +47,10 @@ class LoaderSpec:
         pixel space before normalization (so it reads -mean/std); only with augment.
     shear_deg / shear_p: with probability `shear_p` per sample, an affine shear
         of an angle uniform in [-shear_deg, shear_deg] (degrees); only with augment.
+    zoom_p / zoom_min_side: with probability `zoom_p` per sample (only with augment), a
+        square crop of a side drawn uniformly from round(min_side * H)..H pixels at a
+        uniform place, resized back to H x W by nearest neighbour, in pixel space before
+        normalization (the 1st place's zoom: a 256-512 px crop of a 512 px site).
     shuffle: None = shuffle when augmenting.
     rank / world_size: this process's disjoint part of every epoch.
     backend: `auto` (DALI where it imports, else torch), `dali` or `torch`.
@@ -63,6 +68,8 @@ class LoaderSpec:
     channel_dropout: float = 0.0
     shear_deg: float = 0.0
     shear_p: float = 0.0
+    zoom_p: float = 0.0
+    zoom_min_side: float = 1.0
     shuffle: bool | None = None
     seed: int = 0
     rank: int = 0
@@ -81,7 +88,7 @@ class LoaderSpec:
             fix("channels", parse_channels(self.channels))
         except ValueError as e:
             raise LoaderError(f"channels={self.channels!r}: {e}") from None
-        _choice("norm", self.norm, NORM_MODES)
+        _choice("norm", self.norm, LOADER_NORMS)
         _choice("sites", self.sites, SITE_MODES)
         _choice("backend", self.backend, BACKENDS)
         fix("site", _integer("site", self.site, 1))
@@ -103,8 +110,12 @@ class LoaderSpec:
             fix(name, _flag(name, getattr(self, name)))
         if self.shuffle is None:
             fix("shuffle", self.augment)
-        for name in ("channel_dropout", "shear_p"):
+        for name in ("channel_dropout", "shear_p", "zoom_p"):
             fix(name, _number(name, getattr(self, name), 0.0, 1.0, "need a probability in [0, 1]"))
+        fix("zoom_min_side", _number("zoom_min_side", self.zoom_min_side, 0.0, 1.0,
+                                     "need a share of the side in (0, 1]"))
+        if self.zoom_min_side == 0.0:
+            raise LoaderError("zoom_min_side=0.0: need a share of the side in (0, 1]")
         fix("shear_deg", _number("shear_deg", self.shear_deg, 0.0, 45.0,
                                  "need an angle in degrees in [0, 45]"))
         device = str(self.device)

@@ -59,17 +59,18 @@ def test_each_technique_overlay_is_a_valid_config_on_the_demo(name, tmp_path):
 
 @pytest.mark.parametrize("overrides", ["configs/demo.yml", "configs/demo.yml,configs/demo_long.yml"])
 def test_progressive_labels_fit_the_runs_stage1(overrides, tmp_path):
-    """The plus overlay's progressive pseudo labels start at 40 % of stage1 and label every
-    test well for its last epoch, so they run within the demo's (or the long demo's) epochs."""
+    """The plus overlay's progressive pseudo labels start at the 1st place's 90/130 of stage1,
+    so they run within the demo's (or the long demo's) epochs."""
     epochs = stage1_epochs(overrides)
     assert epochs == (15 if "long" in overrides else 5)
-    assert progressive_epochs(5) == {"start_epoch": 2, "full_epoch": 4}
+    assert progressive_epochs(5) == {"start_epoch": 3}
+    assert progressive_epochs(15) == {"start_epoch": 10} and progressive_epochs(1) == {"start_epoch": 1}
     p = tmp_path / "plus.yml"
     p.write_text(yaml.safe_dump(technique_overlays(epochs)["progressive_pseudo"]))
     cfg = load_config("finetune", "configs/finetune.yml", overrides=f"{overrides},{p}")
     pp = cfg.stages.data_params.to_dict()["progressive_pseudo"]
-    assert (pp["start_epoch"], pp["full_epoch"]) == (round(0.4 * epochs), epochs - 1)
-    assert pp["full_epoch"] < cfg.stages.stage1.state_params.num_epochs
+    assert pp["start_epoch"] == round(90 / 130 * epochs)
+    assert 1 <= pp["start_epoch"] < cfg.stages.stage1.state_params.num_epochs
 
 
 def test_plus_without_drops_exactly_those_techniques(tmp_path):

@@ -53,7 +53,7 @@ class _Loader:
 
 
 def test_predict_wells_gives_a_cell_type_model_each_sites_cell_type():
-    from train.heads import cell_plus
+    from train.techniques.heads import cell_plus
     torch.manual_seed(0)
     model = cell_plus("test_resnet", num_classes=1139, n_channels=5).eval()
     loader = _Loader()

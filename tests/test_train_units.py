@@ -6,8 +6,9 @@ import torch
 
 from common.well_logits import WellMeans
 from train.config import ConfigError, load_config
-from train.models import (classifier_name, create_model, first_conv_name, head_parameter_names,
-                          n_input_channels, widen_first_conv)
+from train.factory import create_model
+from train.models import (classifier_name, first_conv_name, head_parameter_names, n_input_channels,
+                          widen_first_conv)
 from train.recipe import well_metrics
 from train.schedule import make_optimizer, make_scheduler
 

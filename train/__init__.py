@@ -39,7 +39,8 @@ def load_for_inference(checkpoint_path, device="cpu"):
     import torch
     from train import checkpoint as ckpt
     from train.config_schema import LABEL_OFFSET_OF_PART
-    from train.models import create_model, timm_name
+    from train.factory import create_model
+    from train.models import timm_name
 
     ck = ckpt.load(checkpoint_path)
     cfg = ck["config"]

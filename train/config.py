@@ -77,6 +77,12 @@ class RunConfig(Config):
         return stage_names(self._d)
 
     @property
+    def starts_from_control(self) -> bool:
+        """Parts II/III start from the control model unless args.pretrained_control is
+        none (the 1st place's single run: from model_params.pretrained, no Part I)."""
+        return self._d["args"]["pretrained_control"] is not None
+
+    @property
     def run_dir(self) -> str:
         d = self._d
         return run_layout.run_dir(d["args"]["logdir"], d["part"], self.channels,
@@ -158,7 +164,11 @@ def _expand(cfg: dict) -> None:
     keys = {"fold": a["fold"], "shards": dp["shards"].rstrip("/"), "logdir": a["logdir"].rstrip("/"),
             "channels": run_layout.channels_dirname(dp["channels"]),
             "model_name": cfg["model_params"]["model_name"], "part": cfg["part"]}
+    if str(a["pretrained_control"]).lower() in ("none", "null"):
+        a["pretrained_control"] = None
     for d, k in ((dp, "train_csv"), (dp, "valid_csv"), (a, "pretrained_control")):
+        if d[k] is None:
+            continue
         try:
             d[k] = str(d[k]).format(**keys)
         except (KeyError, IndexError) as e:

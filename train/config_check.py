@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 
-from shards.layout import N_SIRNAS, N_TREATMENTS, NORM_MODES, parse_channels
+from shards.layout import LOADER_NORMS, N_SIRNAS, N_TREATMENTS, parse_channels
 from shards import BACKENDS, SITE_MODES
 from train.config_schema import (AMP_MODES, CRITERIA, DATASET_OF_PART, METRICS, MODELS,
                                  NUM_CLASSES_OF_PART, OPTIMIZERS, PRETRAINED_WORDS, ConfigError,
@@ -65,7 +65,8 @@ def _check_model(cfg, part, where):
     _check(isinstance(p, str) and p, where,
            f"model_params.pretrained must be {' or '.join(PRETRAINED_WORDS)} or a path to a "
            "weights file")
-    if part == "control" and p not in PRETRAINED_WORDS:   # only Part I reads it
+    reads = part == "control" or str(cfg["args"]["pretrained_control"]).lower() in ("none", "null")
+    if reads and p not in PRETRAINED_WORDS:   # only a run that does not start from Part I
         _check(os.path.isfile(p), where,
                f"model_params.pretrained: weights file {p} does not exist (or say imagenet / none)")
     _check(_is_num(m["drop_rate"]) and 0 <= m["drop_rate"] < 1, where,
@@ -121,8 +122,8 @@ def _check_data(dp, part, where):
     _check(dp["sites"] in SITE_MODES, where,
            f"stages.data_params.sites {dp['sites']!r} unknown; valid: {list(SITE_MODES)}")
     _check(dp["site"] in (1, 2), where, "stages.data_params.site must be 1 or 2")
-    _check(dp["norm"] in NORM_MODES, where,
-           f"stages.data_params.norm {dp['norm']!r} unknown; valid: {list(NORM_MODES)}")
+    _check(dp["norm"] in LOADER_NORMS, where,
+           f"stages.data_params.norm {dp['norm']!r} unknown; valid: {list(LOADER_NORMS)}")
     _check(dp["backend"] in BACKENDS, where,
            f"stages.data_params.backend {dp['backend']!r} unknown; valid: {list(BACKENDS)}")
     for k in ("drop_last", "augment", "control_holdout"):
@@ -165,6 +166,15 @@ def _check_stage(st, key, where):
                where, f"{key}.scheduler_params.milestones must be a list of epochs")
         _check(_is_num(sch["gamma"]) and sch["gamma"] > 0, where,
                f"{key}.scheduler_params.gamma must be > 0")
+    elif sch["scheduler"] == "Cosine":
+        seg = sch["segments"]
+        _check(isinstance(seg, list) and len(seg) % 2 == 1 and all(_is_num(x) for x in seg)
+               and all(x >= 0 for x in seg), where,
+               f"{key}.scheduler_params.segments {seg!r}: [lr1, epoch1, lr2, epoch2, ..., lrN] "
+               "(the 1st place's --lr cosine,...), numbers >= 0")
+        breaks = seg[1::2]
+        _check(all(b > a for a, b in zip([0] + breaks, breaks)), where,
+               f"{key}.scheduler_params.segments: the epochs {breaks} must increase from > 0")
     elif sch["scheduler"] == "OneCycleLR":
         _check(_is_int(sch["num_steps"]) and sch["num_steps"] >= 1, where,
                f"{key}.scheduler_params.num_steps (epochs of the cycle) must be an integer >= 1")
@@ -183,9 +193,10 @@ def _check_stage(st, key, where):
 def _check_plus(cfg, part, where):
     """The plus recipe's keys: each parsed by the module that reads it (which names the
     key), then the cross-checks between them."""
-    from train.batch_augment import BatchAugment
-    from train.heads import arcface_params
-    from train.progressive_pseudo import ProgressiveSchedule
+    from train.techniques.zoom import zoom_params
+    from train.techniques.batch_augment import BatchAugment
+    from train.techniques.heads import arcface_params, neck_params
+    from train.techniques.pseudo_labels import PseudoSchedule
     m, dp = cfg["model_params"], cfg["stages"]["data_params"]
     _check(isinstance(cfg["plus"], bool), where, "plus must be true or false")
     tta = cfg["predict_params"]["tta"]
@@ -194,14 +205,28 @@ def _check_plus(cfg, part, where):
     _check(isinstance(m["cell_type_input"], bool), where,
            "model_params.cell_type_input must be true or false")
     try:
-        BatchAugment.from_params(zoom=dp["zoom"], jitter=dp["jitter"], cutmix=dp["cutmix"])
+        BatchAugment.from_params(jitter=dp["jitter"], cutmix=dp["cutmix"])
+        zoom_params(dp["zoom"])
         arcface_params(m["arcface"])
-        ProgressiveSchedule.from_params(dp["progressive_pseudo"])
+        neck_params(m["neck"])
+        pseudo = PseudoSchedule.from_params(dp["progressive_pseudo"])
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
+    _check(m["first_conv"] in ("copy_rgb", "new"), where,
+           f"model_params.first_conv {m['first_conv']!r}: copy_rgb or new")
+    bn = m["bn_momentum"]
+    _check(bn is None or (_is_num(bn) and 0 < bn <= 1), where,
+           f"model_params.bn_momentum {bn!r}: null or a number in (0, 1]")
+    if pseudo is not None and pseudo.grow_epoch:
+        last = cfg["stages"][stage_names(cfg)[-1]]["scheduler_params"]["scheduler"]
+        _check(last in ("Cosine", "none"), where,
+               "stages.data_params.progressive_pseudo.grow_epoch needs a schedule that follows "
+               f"the fractional epoch (Cosine or none) in the last stage, not {last}; or set "
+               "grow_epoch: false")
     plus_model = ("put the overlay (configs/plus.yml) after configs that set another "
                   "model, e.g. --overrides configs/tiny.yml,configs/plus.yml")
     for key, on in (("cell_type_input", m["cell_type_input"]),
+                    ("neck", neck_params(m["neck"]) is not None),
                     ("arcface", arcface_params(m["arcface"]) is not None)):
         _check(not on or m["model"] == "cell_plus", where,
                f"model_params.{key} needs model_params.model: cell_plus (it is "

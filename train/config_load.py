@@ -52,7 +52,10 @@ def deep_merge(base: dict, top: Mapping) -> dict:
     """`top` over `base`, recursively for mappings; lists and scalars replace."""
     out = copy.deepcopy(base)
     for k, v in top.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+        if k == "scheduler_params" and isinstance(v, Mapping) and isinstance(out.get(k), dict) \
+                and v.get("scheduler", out[k].get("scheduler")) != out[k].get("scheduler"):
+            out[k] = copy.deepcopy(dict(v))   # another scheduler: the old one's keys go
+        elif isinstance(v, Mapping) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = copy.deepcopy(v)

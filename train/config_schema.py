@@ -22,7 +22,7 @@ DATASET_OF_PART = {"control": "control", "finetune": "non_pseudo", "pseudo": "ps
 NUM_CLASSES_OF_PART = {"control": N_CONTROLS, "finetune": N_TREATMENTS, "pseudo": N_TREATMENTS}
 LABEL_OFFSET_OF_PART = {"control": CONTROL_BASE, "finetune": 0, "pseudo": 0}
 
-# cell_plus: train.heads (the plus recipe's head: cell type input, ArcFace branch).
+# cell_plus: train.techniques.heads (the 1st place's head: cell type, neck, ArcFace).
 MODELS = ("cell_senet", "cell_densenet", "cell_timm", "cell_plus")
 OPTIMIZERS = ("Nadam", "Adam", "AdamW", "SGD")
 CRITERIA = ("LabelSmoothingCrossEntropy", "CrossEntropyLoss")
@@ -32,6 +32,8 @@ PRETRAINED_WORDS = ("imagenet", "none")
 # Valid keys of scheduler_params per scheduler, with their defaults.
 SCHEDULERS = {
     "MultiStepLR": {"milestones": [10], "gamma": 0.3},
+    # The 1st place's `--lr cosine,v1,e1,v2,...`: a cosine per segment, set per iteration.
+    "Cosine": {"segments": [1.5e-4]},
     "OneCycleLR": {"num_steps": 40, "lr_range": [5e-4, 1e-5], "warmup_steps": 5,
                    "momentum_range": [0.85, 0.95]},
     "none": {},
@@ -52,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
         "amp": "auto",
         "channels_last": "auto",  # auto = on (GPU and CPU); false = NCHW
         "progress": True,         # tqdm bar (rank 0)
-        # Part II/III start from the control model of the same channel subset.
+        # Part II/III start from the control model of the same channel subset; none: from
+        # model_params.pretrained instead, with no Part I (the 1st place's single run).
         "pretrained_control": "{logdir}/control/{channels}/{model_name}/checkpoints/best.pth",
     },
     "model_params": {
@@ -64,9 +67,15 @@ DEFAULTS: dict[str, Any] = {
         # none: random init.  Only Part I reads it (Parts II/III start from Part I).
         "pretrained": "imagenet",
         "drop_rate": 0.3,         # dropout before the last Linear, in training only
-        # The plus recipe's head (model: cell_plus, train.heads); both off by default.
+        # copy_rgb: RGB filters copied into the extra channels (the reference); new: a
+        # fresh first conv (the 1st place)
+        "first_conv": "copy_rgb",
+        "bn_momentum": None,      # null: torch's 0.1; the 1st place: 0.05 on every BatchNorm
+        # The 1st place's head (model: cell_plus, train.techniques.heads); off by default.
         "cell_type_input": False, # a one-hot of the 4 cell types beside the pooled features
-        "arcface": None,          # null | true | {s, m, dim, weight}: auxiliary ArcFace loss
+        "neck": None,             # null | true | {dim}: BN-Linear-ReLU-BN-Linear-BN embedding
+        "arcface": None,          # null | true | {s, m, weight}: the ArcFace margin product;
+                                  # loss (1 - weight) CE + weight ArcFace / 2
     },
     "stages": {
         "state_params": {
@@ -103,15 +112,15 @@ DEFAULTS: dict[str, Any] = {
             "shear_p": 0.5,             # p of a sheared sample
             # control: hold out the controls of valid_csv's experiments (see train/data.py)
             "control_holdout": True,
-            # The plus recipe's techniques (configs/plus.yml turns them all on); off here.
+            # The techniques of the plus and first recipes (configs/plus.yml, first.yml); off.
             # Parts II/III: train also on the control wells, as classes 1108..1138
             # (needs model_params.num_classes 1139).
             "controls_as_classes": False,
-            "cutmix": None,             # null | {p, beta}        train.batch_augment
+            "cutmix": None,             # null | {p, beta}: one box per batch (train.techniques)
             "jitter": None,             # null | {p, scale_sd, shift_sd}
-            "zoom": None,               # null | {p, min_side}
-            # null | {start_epoch, full_epoch, start_share, min_margin}: test wells labelled
-            # inside the run, in the last stage (train.progressive_pseudo)
+            "zoom": None,               # null | {p, min_side}: in the loader, before normalization
+            # null | {start_epoch, size, grow_epoch, plate_groups}: test wells labelled inside
+            # the run, in the last stage (train.techniques.pseudo_labels)
             "progressive_pseudo": None,
         },
         "stage0": {

@@ -27,6 +27,7 @@ from shards.layout import CONTROL_BASE, N_CONTROLS, N_TREATMENTS, parse_id_code
 from shards.metadata import read_csv_checked
 from train.config import RunConfig
 from train.config_schema import ConfigError
+from train.techniques.zoom import zoom_params
 
 
 def selections(cfg: RunConfig, sites: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -57,17 +58,20 @@ def make_loader(cfg: RunConfig, d: Dist, device, selection, evaluate: bool = Fal
     """A training loader over `selection`, or with `evaluate` one that reads both sites of
     every well in storage order without augmentation (validation, progressive labels)."""
     dp = cfg.stages.data_params
+    zoom = zoom_params(dp.to_dict()["zoom"]) or (0.0, 1.0)
     spec = shards.LoaderSpec(
         channels=cfg.channels, norm=dp.norm, sites=dp.sites, site=dp.site,
         image_size=dp.image_size, batch_size=per_rank_batch(dp.batch_size, d,
                                                             "stages.data_params.batch_size"),
         augment=dp.augment, channel_dropout=dp.channel_dropout, shear_deg=dp.shear_deg,
-        shear_p=dp.shear_p, shuffle=True, seed=cfg.args.seed, rank=d.rank,
+        shear_p=dp.shear_p, zoom_p=zoom[0], zoom_min_side=zoom[1], shuffle=True,
+        seed=cfg.args.seed, rank=d.rank,
         world_size=d.world_size, backend=dp.backend, device=str(device),
         num_workers=dp.num_workers, drop_last=dp.drop_last, label_column="label")
     if evaluate:
         spec = dataclasses.replace(
-            spec, sites="two", augment=False, channel_dropout=0.0, shear_p=0.0, shuffle=False,
+            spec, sites="two", augment=False, channel_dropout=0.0, shear_p=0.0, zoom_p=0.0,
+            shuffle=False,
             drop_last=False,
             batch_size=-(-(dp.valid_batch_size or dp.batch_size) // d.world_size))
     return shards.make_loader(dp.shards, selection, spec)

@@ -45,21 +45,32 @@ def cell_densenet(model_name="densenet121", num_classes=1108, n_channels=6,
                      pretrained=pretrained, **kwargs)
 
 
+FIRST_CONVS = ("copy_rgb", "new")
+
+
 def cell_timm(model_name, num_classes=1108, n_channels=6, pretrained=None,
-              drop_rate=0.0) -> nn.Module:
-    """Any timm classifier with its first conv widened to `n_channels`.
+              drop_rate=0.0, first_conv="copy_rgb") -> nn.Module:
+    """Any timm classifier with its first conv taking `n_channels`.
 
     Built as the RGB ImageNet model first (3 inputs, its own head) so that timm
-    loads RGB weights strictly, then widened, then given a fresh `num_classes`
-    head.  `drop_rate`: timm's dropout before the classifier (train mode only).
+    loads RGB weights strictly, then given its new first conv, then a fresh
+    `num_classes` head.  `first_conv`: `copy_rgb` (the reference: RGB filters
+    copied into the extra channels) or `new` (the 1st place: a freshly initialized
+    conv of the same shape, model.py:74).  `drop_rate`: timm's dropout before the
+    classifier (train mode only).
     """
     name = timm_name(model_name)
     if not timm.is_model(name):
         raise ConfigError(f"unknown timm model {model_name!r}"
                          + (f" (alias of {name!r})" if name != model_name else "")
                          + "; see timm.list_models()")
+    if first_conv not in FIRST_CONVS:
+        raise ConfigError(f"model_params.first_conv {first_conv!r}: one of {list(FIRST_CONVS)}")
     model = _create_rgb(name, pretrained, drop_rate)
-    widen_first_conv(model, n_channels)
+    if first_conv == "new":
+        new_first_conv(model, n_channels)
+    else:
+        widen_first_conv(model, n_channels)
     model.reset_classifier(num_classes)
     return model
 
@@ -90,24 +101,6 @@ def _create_rgb(name: str, pretrained, drop_rate: float) -> nn.Module:
 
 
 FACTORIES = {"cell_senet": cell_senet, "cell_densenet": cell_densenet, "cell_timm": cell_timm}
-
-
-# model_params keys only train.heads.cell_plus takes; off (the defaults) for the others.
-PLUS_KEYS = ("cell_type_input", "arcface")
-
-
-def create_model(model: str = "cell_senet", **params) -> nn.Module:
-    """`model_params` of a config -> nn.Module (the reference's `model:` + its arguments)."""
-    if model == "cell_plus":
-        from train.heads import cell_plus   # lazily: train.heads builds on this module
-        return cell_plus(**params)
-    if model not in FACTORIES:
-        raise ConfigError(f"unknown model factory {model!r}; valid: "
-                          f"{sorted([*FACTORIES, 'cell_plus'])}")
-    on = [k for k in PLUS_KEYS if params.pop(k, None)]
-    if on:
-        raise ConfigError(f"model_params.{on[0]} needs model_params.model: cell_plus, not {model!r}")
-    return FACTORIES[model](**params)
 
 
 # ------------------------------------------------------------------ parts of a model
@@ -148,6 +141,17 @@ def head_parameter_names(model: nn.Module) -> set[str]:
 
 def n_input_channels(model: nn.Module) -> int:
     return _get_module(model, first_conv_name(model)).in_channels
+
+
+def new_first_conv(model: nn.Module, n_channels: int) -> nn.Module:
+    """Replace the first conv by a freshly initialized one with `n_channels` inputs."""
+    name = first_conv_name(model)
+    old = _get_module(model, name)
+    _set_module(model, name, nn.Conv2d(
+        n_channels, old.out_channels, old.kernel_size, old.stride, old.padding, old.dilation,
+        old.groups, old.bias is not None, old.padding_mode, device=old.weight.device,
+        dtype=old.weight.dtype))
+    return model
 
 
 @torch.no_grad()

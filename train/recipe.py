@@ -30,8 +30,9 @@ from train import ddp, stages
 from train.batch_step import BatchStep
 from train.config import RunConfig
 from train.data import make_loader, make_loaders, selections, steps_in
-from train.progressive_run import ProgressiveRun
+from train.techniques.pseudo_run import ProgressiveRun
 from train.schedule import make_optimizer, make_scheduler
+from train.tensorboard_log import TrainBoard
 from train.weights import (build_model, freeze_backbone, init_from_control,
                            load_best_of_previous_stage)
 
@@ -72,7 +73,7 @@ def fit(cfg: RunConfig) -> dict:
         model.load_state_dict(state.resume["model_state_dict"])
         if d.is_main:
             print(f"{cfg.run_dir}: resuming after epoch {state.epoch} ({state.resume['stage']})")
-    elif cfg.part != "control":
+    elif cfg.part != "control" and cfg.starts_from_control:
         state.init_from = init_from_control(model, cfg)
     stages.pick_rng(state, d)
     channels_last = a.channels_last in (True, "auto")  # NHWC: cuDNN tensor cores, oneDNN
@@ -86,15 +87,17 @@ def fit(cfg: RunConfig) -> dict:
     n_batches = steps_in(train_loader, d, device)
     accum = cfg.stages.state_params.accumulation_steps
     step = BatchStep(cfg, model, store.sites, d.rank)
-    # Progressive pseudo labels (plus recipe): test wells join the training selection;
-    # an epoch keeps the base selection's n_batches (see train/progressive_run.py).
+    # Progressive pseudo labels (plus and first recipes): test wells join the training
+    # selection; the epoch grows with them or keeps its length (train/techniques/pseudo_run.py).
     progressive = ProgressiveRun(cfg, store.sites, train_sel)
-    test_loader = make_loader(cfg, d, device, progressive.test, evaluate=True) \
-        if progressive.active else None
+    eval_loader = lambda wells: make_loader(cfg, d, device, wells, evaluate=True)  # noqa: E731
     if state.resume is not None:
         progressive.restore(state.resume)
         if len(progressive.labels):
             train_loader = make_loader(cfg, d, device, progressive.selection())
+            if progressive.grows:
+                n_batches = steps_in(train_loader, d, device)
+    board = TrainBoard(cfg, d, state.epoch)
     loss_limit = DIVERGED_LOSS_FACTOR * math.log(max(cfg.model_params.num_classes, 2))
     _, best_path = stages.paths(cfg)
     kill_after = int(os.environ.get(KILL_ENV, "0") or 0)
@@ -110,7 +113,7 @@ def fit(cfg: RunConfig) -> dict:
         net = ddp.wrap(model, d, device)
         optimizer = make_optimizer(model.parameters(), **params.optimizer_params.to_dict())
         scheduler = make_scheduler(optimizer, math.ceil(n_batches / accum),
-                                   **params.scheduler_params.to_dict())
+                                   num_epochs=stage.n_epochs, **params.scheduler_params.to_dict())
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         if inside:
             optimizer.load_state_dict(state.resume["optimizer_state_dict"])
@@ -124,23 +127,29 @@ def fit(cfg: RunConfig) -> dict:
             train_loader.set_epoch(state.epoch)
             valid_loader.set_epoch(state.epoch)
             step.set_epoch(state.epoch)
-            lr = scheduler.get_last_lr()[0]
+            if getattr(scheduler, "by_position", False):
+                scheduler.position(float(stage_epoch))
+            lr, momentum = scheduler.get_last_lr()[0], _momentum(optimizer)
             where = (f"{cfg.part} {stage.name} epoch {state.epoch + 1} "
                      f"({stage_epoch + 1}/{stage.n_epochs} of the stage)")
             model.train()       # also a frozen backbone's BatchNorm, as in the reference
             tm = train_one_epoch(net, train_loader, n_batches, optimizer, scheduler, scaler,
                                  step, accum, device, dtype, channels_last, d, where,
-                                 a.progress and d.is_main, loss_limit)
+                                 a.progress and d.is_main, loss_limit, stage_epoch)
             ddp.sync_buffers(model, d)
             if not scheduler.per_step:
                 scheduler.step()
             vm = validate(model, step, valid_loader, valid_sel, device, dtype, channels_last, d)
-            share = progressive.share_after(stage.name, stage_epoch)
-            if share > 0:    # labels for the next epoch, from this epoch's model
-                tm["pseudo_labelled"] = progressive.relabel(
-                    model, step, test_loader, device, dtype, channels_last, d, share)
+            if progressive.labels_after(stage.name, stage_epoch):  # from this epoch's model
+                tm["pseudo_added"] = progressive.add_labels(
+                    model, step, eval_loader, stage_epoch, device, dtype, channels_last, d)
+                tm["pseudo_labelled"] = len(progressive.labels)
                 train_loader = make_loader(cfg, d, device, progressive.selection())
-            line = state.record(cfg, stage, stage_epoch, lr, {**tm, "precision": precision}, vm)
+                if progressive.grows:
+                    n_batches = steps_in(train_loader, d, device)
+            line = state.record(cfg, stage, stage_epoch, lr,
+                                {**tm, "momentum": momentum, "precision": precision}, vm)
+            board.epoch(line)
             rngs = ddp.all_gather_objects(ckpt.rng_state(), d)
             stages.save_epoch(cfg, state, stage, line, ddp.unwrap(model).state_dict(),
                               optimizer, scheduler, scaler, rngs, d, extra=progressive.state())
@@ -154,6 +163,7 @@ def fit(cfg: RunConfig) -> dict:
             if kill_after and state.epoch == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
 
+    board.close()
     stages.finish(cfg, state, d)
     ddp.barrier(d)
     return {"run_dir": cfg.run_dir, "skipped": False, "model": model, "best": state.best,
@@ -169,6 +179,11 @@ def _set_determinism(deterministic: bool, device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def _momentum(optimizer) -> float | None:
+    g = optimizer.param_groups[0]
+    return g["betas"][0] if "betas" in g else g.get("momentum")
+
+
 def _to_device(images, device, channels_last):
     images = images.to(device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
@@ -178,7 +193,7 @@ def _to_device(images, device, channels_last):
 
 def train_one_epoch(net, loader, n_batches, optimizer, scheduler, scaler, step, accum,
                     device, dtype, channels_last, d, where: str, progress: bool,
-                    loss_limit: float) -> dict:
+                    loss_limit: float, stage_epoch: int = 0) -> dict:
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     bad_batch = torch.full((), -1, device=device, dtype=torch.long)  # first diverged batch
@@ -200,6 +215,8 @@ def train_one_epoch(net, loader, n_batches, optimizer, scheduler, scaler, step, 
             # trains as catalyst's sum did, and keeps SGD's learning rate meaning the same.
             scaler.scale(loss / group).backward()
         if steps_now:
+            if getattr(scheduler, "by_position", False):   # the 1st place's epoch + i / len
+                scheduler.position(stage_epoch + i / n_batches)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ def run(part, config=None, *, channels=None, fold=None, model_name=None, logdir=
     if part != "control":
         # Fail before the first of many runs, not hours into the loop.
         lacking = [c.args.pretrained_control for c in cfgs
-                   if not run_layout.is_finished(c.run_dir)
+                   if c.starts_from_control and not run_layout.is_finished(c.run_dir)
                    and not os.path.isfile(run_layout.checkpoint_path(c.run_dir, run_layout.LAST))
                    and not os.path.isfile(c.args.pretrained_control)]
         if lacking:

@@ -7,6 +7,8 @@ and `warmup_steps` count epochs, the schedule advances per optimizer step.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -81,6 +83,48 @@ class OneCycleWithWarmup:
         self._apply()
 
 
+class CosineSegments:
+    """The 1st place's `--lr cosine,v1,e1,v2,e2,...,vn` (main.py:118-122, 237-250 of
+    maciej-sypetkowski/kaggle-rcic-1st): in [0, e1) a half cosine from v1 down to 0
+    reached at e1, in [e1, e2) one from v2 (the restart), ..., the last ending at the
+    stage's last epoch.  Set per iteration from the fractional epoch, so an epoch that
+    grows (pseudo-labelled wells joining it) keeps the curve: `position(epoch + i / n)`
+    before each optimizer step, i the batch of the step (its `epoch + i / len(loader)`)."""
+
+    per_step = False
+    by_position = True
+
+    def __init__(self, optimizer, num_epochs, segments):
+        values, breaks = [float(v) for v in segments[::2]], [float(e) for e in segments[1::2]]
+        self.optimizer = optimizer
+        self.starts = [0.0] + breaks
+        self.ends = breaks + [float(num_epochs)]
+        self.values = values
+        self.position(0.0)
+
+    def value(self, epoch: float) -> float:
+        for start, end, lr in zip(self.starts, self.ends, self.values):
+            if start <= epoch < end:
+                return lr * (math.cos((epoch - start) / (end - start) * math.pi) + 1) / 2
+        return 0.0   # past the end (main.py asserts; a resumed epoch's tail cannot get here)
+
+    def position(self, epoch: float) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.value(epoch)
+
+    def step(self):
+        pass
+
+    def get_last_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 class EpochScheduler:
     """A torch epoch scheduler (MultiStepLR) behind the same step interface."""
 
@@ -121,7 +165,10 @@ class NoScheduler:
         pass
 
 
-def make_scheduler(optimizer, steps_per_epoch: int, scheduler="none", **params):
+def make_scheduler(optimizer, steps_per_epoch: int, scheduler="none", num_epochs: int = 1,
+                   **params):
+    if scheduler == "Cosine":
+        return CosineSegments(optimizer, num_epochs, params["segments"])
     if scheduler == "OneCycleLR":
         return OneCycleWithWarmup(optimizer, steps_per_epoch, **params)
     if scheduler == "MultiStepLR":

@@ -10,14 +10,16 @@ import torch.nn as nn
 from train import checkpoint as ckpt
 from train.config import RunConfig
 from train.config_schema import ConfigError
-from train.models import classifier_name, create_model, head_parameter_names
+from train.factory import create_model
+from train.models import classifier_name, head_parameter_names
 
 
 def build_model(cfg: RunConfig, for_init: bool) -> nn.Module:
-    """The run's model; only a fresh Part I reads `model_params.pretrained` (a resume or
-    Parts II/III replace the weights anyway, so nothing is downloaded for them)."""
+    """The run's model; only a fresh Part I, or a fresh run that does not start from the
+    control model (args.pretrained_control: none), reads `model_params.pretrained` (a
+    resume or Parts II/III replace the weights anyway, so nothing is downloaded for them)."""
     params = cfg.model_params.to_dict()
-    if not for_init or cfg.part != "control":
+    if not for_init or (cfg.part != "control" and cfg.starts_from_control):
         params["pretrained"] = "none"
     return create_model(**params)
 
