@@ -228,10 +228,18 @@ def test_predict_all_writes_the_layout_in_test_csv_order(tiny_run, tiny_data, ti
     assert not np.allclose(plain, valid)
     assert np.corrcoef(plain.ravel(), valid.ravel())[0, 1] > 0.9
 
-    # an existing output is skipped without --overwrite
-    again = main(["predict-all", "--shards", tiny_store, "--model-root", tiny_run["model_root"],
-                  "--model-name", MODEL, "--out-dir", out, "--backend", "torch"])
-    assert again["files"] == res["files"]
+    # an existing output is left untouched without --overwrite, and rewritten with it: a
+    # stand-in file (zeros) shows which happened
+    pred = os.path.join(run_out, "pred_test.npy")
+    np.save(pred, np.zeros_like(logits))
+    stand_in = open(pred, "rb").read()
+    again = ["predict-all", "--shards", tiny_store, "--model-root", tiny_run["model_root"],
+             "--model-name", MODEL, "--out-dir", out, "--data-dir", tiny_data,
+             "--backend", "torch", "--batch-size", "16"]
+    assert main(again)["files"] == res["files"]
+    assert open(pred, "rb").read() == stand_in
+    assert main(again + ["--overwrite"])["files"] == res["files"]
+    np.testing.assert_allclose(np.load(pred), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_in_the_wrong_channel_folder_errors(tiny_run, tiny_store, tmp_path):

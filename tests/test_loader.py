@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 
 from shards import LoaderSpec, make_loader, open_store
 from shards.augment import all_dihedral, dihedral_chw, normalize
@@ -239,6 +238,45 @@ def test_shuffled_batches_mix_experiments_and_plates(tiny_store, store):
     assert n_train >= 3 * 16 and full == n_train // 16
 
 
+def halve_by_hand(n=64):
+    """(n/2, n) weights of an antialiased bilinear halving: each output pixel is the tent
+    of half-width 2 input pixels over its centre, i.e. 1/8, 3/8, 3/8, 1/8 of four inputs;
+    at the borders the missing input is dropped and the rest renormalized (3, 3, 1 / 7)."""
+    a = np.zeros((n // 2, n))
+    for i in range(n // 2):
+        for j, w in zip(range(2 * i - 1, 2 * i + 3), (1, 3, 3, 1)):
+            if 0 <= j < n:
+                a[i, j] = w
+    return a / a.sum(1, keepdims=True)
+
+
+def test_the_hand_reference_halves_a_ramp_and_keeps_a_constant():
+    a = halve_by_hand()
+    ramp = np.arange(64.0)
+    want = np.arange(32) * 2 + 0.5            # the mean of each pair of inputs...
+    want[0], want[-1] = 5 / 7, (61 + 3 * 62 + 3 * 63) / 7   # ...but at the renormalized borders
+    np.testing.assert_allclose(a @ ramp, want, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(a @ np.full(64, 0.7), 0.7, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [DALI, "torch"])
+def test_resize_to_half_is_the_filter_by_hand(tiny_store, store, pixels, backend):
+    spec = LoaderSpec(channels=SUBSET, sites="one", image_size=32, batch_size=32,
+                      backend=backend)
+    x, _, r, _ = run(make_loader(tiny_store, "test", spec))
+    a = halve_by_hand()
+    want = np.einsum("ij,bcjk,lk->bcil", a, reference(store, pixels, r, "site"), a)
+    np.testing.assert_allclose(x, want, rtol=0, atol=1e-4)
+
+
+def test_resize_keeps_a_constant_image_constant():
+    from shards.loader import _resize
+    for size in ((32, 32), (40, 40), (80, 80)):
+        y = _resize(torch.full((2, 5, 64, 64), 0.7), size)
+        assert tuple(y.shape) == (2, 5) + size
+        np.testing.assert_allclose(y.numpy(), 0.7, rtol=0, atol=1e-6)
+
+
 @needs_dali
 def test_resize_agrees_between_backends_and_native_size_is_exact(tiny_store, store, pixels):
     got = {}
@@ -248,11 +286,12 @@ def test_resize_agrees_between_backends_and_native_size_is_exact(tiny_store, sto
         loader = make_loader(tiny_store, "test", spec)
         x, _, r, _ = run(loader)
         assert x.shape[1:] == (5, 40, 40)
-        got[backend] = x
-    ref = F.interpolate(torch.from_numpy(reference(store, pixels, r, "site")), size=(40, 40),
-                        mode="bilinear", antialias=True, align_corners=False).numpy()
-    np.testing.assert_allclose(got["dali"], ref, atol=1e-4)
-    np.testing.assert_allclose(got["torch"], got["dali"], atol=1e-5)
+        got[backend] = x, r
+    np.testing.assert_array_equal(got["torch"][1], got["dali"][1])
+    np.testing.assert_allclose(got["torch"][0], got["dali"][0], atol=1e-5)
+    # a resize, not the native pixels cropped or left alone
+    assert not np.allclose(got["torch"][0][..., :40, :40],
+                           reference(store, pixels, r, "site")[..., :40, :40], atol=1e-2)
     x, _, r, _ = run(make_loader(tiny_store, "test", LoaderSpec(
         channels=SUBSET, sites="one", image_size=64, batch_size=32)))
     np.testing.assert_allclose(x, reference(store, pixels, r, "site"), atol=1e-4, rtol=0)

@@ -5,6 +5,7 @@ prints it as one line and exits 2.
 """
 import json
 import os
+import re
 import shutil
 
 import pandas as pd
@@ -69,20 +70,27 @@ def test_blank_labels_in_csv_are_unlabelled(tiny_store, train_ids, tmp_path):
     assert loader.wells.label.tolist() == [3, -1, 5, 7]
 
 
-@pytest.mark.parametrize("damage", ["version", "missing", "sites"])
-def test_store_whose_manifest_fails(tiny_store, tmp_path, damage):
+@pytest.mark.parametrize("damage,problem", [
+    # a store from before sites.csv had sirna_name, and one from the future
+    ("version 1", "manifest.json: store format version 1, but this cellshard reads and writes "
+                  "version 2; re-run prep"),
+    ("version 99", "manifest.json: store format version 99, but this cellshard reads"),
+    ("missing", "manifest.json: no manifest;"),
+    ("sites", "sites.csv: sha256 differs from the manifest"),
+])
+def test_store_whose_manifest_fails(tiny_store, tmp_path, damage, problem):
     bad = tmp_path / "store"
     shutil.copytree(tiny_store, bad)
-    if damage == "version":
+    if damage.startswith("version"):
         m = json.loads((bad / "manifest.json").read_text())
-        m["format_version"] = 99
+        m["format_version"] = int(damage.split()[1])
         (bad / "manifest.json").write_text(json.dumps(m))
     elif damage == "missing":
         os.remove(bad / "manifest.json")
     else:
         with open(bad / "sites.csv", "a") as f:
             f.write("\n")
-    with pytest.raises(StoreError, match="manifest|sha256"):
+    with pytest.raises(StoreError, match=re.escape(f"{bad}{os.sep}{problem}")):
         make_loader(str(bad), "train", LoaderSpec())
 
 

@@ -237,20 +237,6 @@ def test_kill_and_resume_gives_identical_store(tiny_data, tiny_store, tmp_path):
     assert not leftovers
 
 
-def test_open_store_refuses_other_version(tiny_store, tmp_path):
-    import shutil
-    out = tmp_path / "v1"
-    shutil.copytree(tiny_store, out)
-    m = json.loads((out / "manifest.json").read_text())
-    m["format_version"] = 1  # a store from before sites.csv had sirna_name
-    (out / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(StoreError, match="version 1, but this cellshard reads and writes "
-                                         "version 2"):
-        open_store(out)
-    with pytest.raises(StoreError, match="no manifest"):
-        open_store(tmp_path)
-
-
 def test_preview_is_rxrx_composite(tiny_store, store, tmp_path):
     r = store.sites.iloc[5]
     path = preview(tiny_store, r["id_code"], site=int(r["site"]), out=str(tmp_path / "p.png"))

@@ -179,8 +179,61 @@ def test_stale_lock_of_a_dead_run_is_taken_over(tmp_path):
     assert os.listdir(work) == []   # the lock's temporary is gone too
 
 
-def test_manifest_is_durable_json(tiny_store):
-    # the one atomic write leaves no temporary behind and a whole JSON object
-    m = json.load(open(os.path.join(tiny_store, "manifest.json")))
-    assert m["format"] == "cellshard"
-    assert not [n for n in os.listdir(tiny_store) if ".tmp-" in n]
+class _Killed(BaseException):
+    """Stands for the process being killed: not an Exception, so no handler swallows it."""
+
+
+@pytest.mark.parametrize("when", ["midway through the bytes", "at the rename"])
+def test_a_manifest_write_killed_midway_leaves_the_old_one_whole(tiny_store, tmp_path,
+                                                                  monkeypatch, when):
+    import builtins
+
+    from shards.manifest import read_manifest, write_manifest
+
+    out = tmp_path / "store"
+    out.mkdir()
+    shutil.copy(os.path.join(tiny_store, "manifest.json"), out / "manifest.json")
+    old = (out / "manifest.json").read_bytes()
+    new = dict(read_manifest(str(out)), note="x" * 20000)
+    real_open = builtins.open
+
+    class HalfFile:
+        """A file under `out` whose write stops after half its bytes, as a kill would."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:len(data) // 2])
+            self.f.flush()
+            raise _Killed
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def half_open(file, mode="r", *args, **kw):
+        f = real_open(file, mode, *args, **kw)
+        inside = os.path.abspath(str(file)).startswith(str(out))
+        return HalfFile(f) if inside and any(c in mode for c in "wax+") else f
+
+    def no_rename(src, dst):
+        raise _Killed
+
+    if when == "at the rename":
+        monkeypatch.setattr(os, "replace", no_rename)
+        monkeypatch.setattr(os, "rename", no_rename)
+    else:
+        monkeypatch.setattr(builtins, "open", half_open)
+    with pytest.raises(_Killed):
+        write_manifest(str(out), new)
+    monkeypatch.undo()
+    assert os.listdir(out) == ["manifest.json"]   # no temporary left behind
+    assert (out / "manifest.json").read_bytes() == old
+    write_manifest(str(out), new)   # and the next write goes through
+    assert read_manifest(str(out)) == new

@@ -38,15 +38,30 @@ def test_verify_passes_on_good_store(tiny_store, tiny_data):
     assert verify(tiny_store)["sites_compared_to_png"] == 64  # data dir from the manifest
 
 
-def test_verify_cli_exit_codes(tiny_store, store_copy):
-    ok = subprocess.run([sys.executable, "-m", "prep", "verify", tiny_store], cwd=REPO,
-                        capture_output=True, text=True)
+def _verify_cli(*args):
+    return subprocess.run([sys.executable, "-m", "prep", "verify", *args], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def test_verify_cli_exit_codes(tiny_store, store_copy, tmp_path):
+    ok = _verify_cli(tiny_store)
     assert ok.returncode == 0, ok.stderr
+    # a damaged store: the verdict, exit 1, listing what differs (several lines by design)
     shard = os.path.join(store_copy, "shards", _manifest(store_copy)["shards"][0]["name"])
     _flip(shard, 5000)
-    bad = subprocess.run([sys.executable, "-m", "prep", "verify", store_copy], cwd=REPO,
-                         capture_output=True, text=True)
-    assert bad.returncode != 0 and shard in bad.stderr
+    bad = _verify_cli(store_copy)
+    assert bad.returncode == 1, bad.stderr
+    assert "Traceback" not in bad.stderr
+    lines = bad.stderr.strip().splitlines()
+    assert lines[0] == f"verify {store_copy}: {len(lines) - 1} problem(s)", lines
+    assert lines[1].startswith(f"{shard}: sha256"), lines
+    assert all(line.startswith(f"{shard}: ") for line in lines[1:]), lines
+    # not a store at all: bad input, one line and exit 2
+    (tmp_path / "empty").mkdir()
+    none = _verify_cli(str(tmp_path / "empty"))
+    assert none.returncode == 2, none.stderr
+    lines = none.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "manifest.json" in lines[0], lines
 
 
 def test_flipped_byte_in_shard_pixels(store_copy):
