@@ -2,7 +2,7 @@
 
     python -m infer predict-all --shards OUT --model-root LOGS/finetune --model-name NAME \\
         --out-dir PRED [--tta 1|2|8 (default: the run's)] [--batch-size 64] [--split test|valid] [--data-dir DATA] \\
-        [--amp auto|bf16|fp16|none]
+        [--amp auto|bf16|fp16|none] [--overwrite] [--allow-unfinished]
     python -m infer ensemble --data-dir DATA --predict-root PRED [--model-names a,b] \\
         [--extra-logits f.npy,g.npy] [--out submission.csv] [--no-assign] [--temperature 1] \\
         [--model-root LOGS/finetune] [--allow-missing]
@@ -21,7 +21,7 @@ from common.errors import run_cli
 
 def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32, split="test",
                 data_dir=None, folds=None, channels=None, device=None, backend="auto",
-                overwrite=False, amp=None):
+                overwrite=False, amp=None, allow_unfinished=False):
     """Logits of every [channels]/fold_k/<model_name> checkpoint under model_root.
 
     Writes OUT_DIR/[channels]/fold_k/<model_name>/pred_<split>.npy (float32,
@@ -37,11 +37,14 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
     restrict the runs; --overwrite redoes runs whose output exists (they are
     skipped otherwise). --amp (auto, bf16, fp16, none) defaults to each run's
     own training setting; auto is bf16 only where the device computes it natively.
+    Runs without checkpoints/finished.json are refused; --allow-unfinished predicts their
+    best.pth so far (recorded in pred_<split>.json). An existing prediction whose checkpoint
+    changed since (or whose ids no longer match the store) is predicted again.
     """
     from infer.predict import predict_all as run
     return run(shards, model_root, model_name, out_dir, tta=tta, batch_size=batch_size,
                split=split, data_dir=data_dir, folds=folds, channels=channels, device=device,
-               backend=backend, overwrite=overwrite, amp=amp)
+               backend=backend, overwrite=overwrite, amp=amp, allow_unfinished=allow_unfinished)
 
 
 def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, out=None,

@@ -26,7 +26,8 @@ from common.arglists import parse_names
 from infer import InferError
 from infer.assign import assign_plates, log_softmax
 from infer.groups import Groups, format_plate_table, infer_plate_groups, load_train_groups
-from infer.predictions import PredFile, find_predictions, load_logits
+from common.run_layout import checkpoint_path
+from infer.predictions import PredFile, check_member, find_predictions, load_logits
 from infer.wells import load_test_wells
 from shards.atomic import write_atomic
 from shards.layout import CONTROL_BASE
@@ -117,6 +118,9 @@ def build(data_dir, predict_root=None, model_names=None, extra_logits=(), assign
         raise InferError("--model-root is checked against --predict-root; give both")
     else:
         files = []
+    for f in files:
+        check_member(f.path, f.split, None if model_root is None else
+                     checkpoint_path(os.path.join(str(model_root), *f.name.split("/"))))
     extra = parse_names(extra_logits or None, "--extra-logits") or []
     logits, used = average_logits(files, ids, extra)
     groups = load_train_groups(data_dir) if assign else None

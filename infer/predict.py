@@ -7,6 +7,14 @@ logits of the two sites and of the TTA views are averaged per well and written
 as `OUT/[channels]/fold_k/<model>/pred_<split>.npy` (float32, one row per well)
 with `ids_<split>.csv` and `pred_<split>.json` (checkpoint, epoch, TTA) beside it.
 
+Only finished runs are predicted (checkpoints/finished.json) unless
+--allow-unfinished, which the prediction records.  The checkpoint must be what
+its folder says: a control run (no fold level) is Part I with 31 classes, a
+fold's run is finetune/pseudo with 1108 or 1139, and the part is the one of
+the run's config.yml.  An existing prediction is kept only while it is of the
+same checkpoint (the digest of its tensors) and its ids file lists the wells
+of this selection in this order; else it is predicted again.
+
 A run trained with the controls as classes (1139 = 1108 siRNAs + 31 controls,
 sirna id = class) keeps the contract of every other run: its first 1108
 columns are written, and pred_<split>.json records `trained_classes`.  A
@@ -39,13 +47,14 @@ from tqdm import tqdm
 from common.arglists import parse_folds, parse_subsets
 from common.distributed import Dist, init_distributed
 from common.precision import AMP_MODES, amp_dtype, autocast
-from common.run_layout import (channels_dirname, checkpoint_path, find_run_dirs, fold_dirname,
-                               run_subdir)
+from common.run_layout import (CONFIG, channels_dirname, checkpoint_path, find_run_dirs,
+                               fold_dirname, is_finished, run_subdir)
 from common.well_logits import WellMeans, well_of_row
 from infer import InferError
-from infer.predictions import PRED_FILE, pred_dir, write_predictions
+from infer.predictions import (IDS_FILE, PRED_FILE, ids_digest, pred_dir, read_ids, read_meta,
+                               write_predictions)
 from infer.wells import experiments_of, int_column, load_test_wells
-from shards.layout import CONTROL_BASE, N_SIRNAS, N_TREATMENTS
+from shards.layout import CONTROL_BASE, N_CONTROLS, N_SIRNAS, N_TREATMENTS
 from shards.metadata import read_csv_checked
 from shards.source_layout import wells_file
 
@@ -59,6 +68,7 @@ class Run:
     channels: tuple          # from the folder name
     fold: int | None         # None: a control run (no fold level)
     run_dir: str
+    finished: bool = True    # checkpoints/finished.json written
 
     @property
     def checkpoint(self) -> str:
@@ -68,11 +78,14 @@ class Run:
         return pred_dir(root, self.channels, self.fold, model_name)
 
 
-def find_runs(model_root, model_name, folds=None, channels=None) -> list[Run]:
+def find_runs(model_root, model_name, folds=None, channels=None,
+              allow_unfinished=False) -> list[Run]:
     """Runs `[channels]/fold_k/<model_name>` (or `[channels]/<model_name>`) under model_root.
 
     A run folder without checkpoints/best.pth is an error (an unfinished run
     must not silently drop out of an ensemble); restrict with folds/channels.
+    So is one without finished.json (a killed run's best so far), unless
+    `allow_unfinished`.
     """
     root = str(model_root)
     if not os.path.isdir(root):
@@ -81,18 +94,45 @@ def find_runs(model_root, model_name, folds=None, channels=None) -> list[Run]:
     want_ch = None if channels is None else parse_subsets(channels)
     runs, unfinished = [], []
     for rp in find_run_dirs(root, model_names=[model_name], folds=folds, subsets=want_ch):
-        run = Run(rp.channels, rp.fold, rp.path)
+        run = Run(rp.channels, rp.fold, rp.path, is_finished(rp.path))
         (runs if os.path.isfile(run.checkpoint) else unfinished).append(run)
     if unfinished:
         raise InferError(f"model root {root}: run(s) without checkpoints/best.pth: "
                          + ", ".join(r.run_dir for r in unfinished)
                          + "; finish them or leave them out with --folds/--channels")
+    killed = [r.run_dir for r in runs if not r.finished]
+    if killed and not allow_unfinished:
+        raise InferError(f"model root {root}: run(s) not finished (no checkpoints/finished.json): "
+                         + ", ".join(killed) + "; resume their training, leave them out with "
+                         "--folds/--channels, or predict their best.pth so far with "
+                         "--allow-unfinished")
     if not runs:
         raise InferError(f"model root {root}: no checkpoints "
                          f"[channels]/fold_<k>/{model_name}/checkpoints/best.pth"
                          + (f" for folds {folds}" if folds is not None else "")
                          + (f" for channels {sorted(want_ch)}" if want_ch else ""))
     return runs
+
+
+def expected_of(run: Run) -> dict:
+    """What the checkpoint of `run` must be (train.load_for_inference's `expect`): Part I
+    (31 classes) without a fold level, else Part II/III of 1108 or 1139 classes; and the
+    part of the run's own config.yml when it has one (a checkpoint copied in from elsewhere)."""
+    if run.fold is None:
+        expect = {"part": ("control",), "num_classes": (N_CONTROLS,)}
+    else:
+        expect = {"part": ("finetune", "pseudo"), "num_classes": (N_TREATMENTS, N_SIRNAS)}
+    config_yml = os.path.join(run.run_dir, CONFIG)
+    if os.path.isfile(config_yml):
+        import yaml
+        try:
+            with open(config_yml) as f:
+                part = (yaml.safe_load(f) or {}).get("part")
+        except (OSError, yaml.YAMLError, AttributeError) as e:
+            raise InferError(f"{config_yml}: cannot be read ({e})") from None
+        if part in expect["part"]:
+            expect["part"] = (part,)
+    return expect
 
 
 def check_run_config(run: Run, rc: dict, model_name: str) -> None:
@@ -266,9 +306,11 @@ def _len(loader):
 
 def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32, split="test",
                 data_dir=None, folds=None, channels=None, device=None, backend="auto",
-                overwrite=False, num_workers=None, amp=None) -> dict:
+                overwrite=False, num_workers=None, amp=None, allow_unfinished=False) -> dict:
     import shards as shards_pkg
     from train import load_for_inference
+
+    from train import checkpoint_digest
 
     if split not in ("test", "valid"):
         raise InferError(f"--split {split!r}: choose test or valid")
@@ -281,7 +323,7 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
         num_workers = _positive_int(num_workers, "--num-workers", low=0)
     if amp is not None and amp not in AMP_MODES:
         raise InferError(f"--amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
-    runs = find_runs(model_root, model_name, folds, channels)
+    runs = find_runs(model_root, model_name, folds, channels, allow_unfinished)
     d, dev = setup(device)
     store_sites = shards_pkg.open_store(str(shards)).sites
     test_wells = test_selection(store_sites, data_dir) if split == "test" else None
@@ -291,11 +333,16 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
         out = run.out_dir(str(out_dir), model_name)
         pred_path = os.path.join(out, PRED_FILE.format(split=split))
         if os.path.isfile(pred_path) and not overwrite:
+            stale = stale_reason(out, split, checkpoint_digest(run.checkpoint), test_wells)
+            if stale is None:
+                if d.rank == 0:
+                    print(f"[{i + 1}/{len(runs)}] {pred_path} exists, skipped (--overwrite to "
+                          "redo)")
+                written.append(pred_path)
+                continue
             if d.rank == 0:
-                print(f"[{i + 1}/{len(runs)}] {pred_path} exists, skipped (--overwrite to redo)")
-            written.append(pred_path)
-            continue
-        model, rc = load_for_inference(run.checkpoint, device=str(dev))
+                print(f"[{i + 1}/{len(runs)}] {pred_path}: {stale}; predicting again")
+        model, rc = load_for_inference(run.checkpoint, device=str(dev), expect=expected_of(run))
         check_run_config(run, rc, model_name)
         run_amp_setting = run_amp(amp, rc)
         views = run_tta(tta, rc)
@@ -310,7 +357,11 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
         if d.rank == 0:
             _check_counts(counts, wells, run.checkpoint)
             ids = wells[["id_code"] + (["sirna"] if "sirna" in wells.columns else [])]
-            meta = dict(checkpoint=os.path.abspath(run.checkpoint), split=split, tta=views,
+            meta = dict(checkpoint=os.path.abspath(run.checkpoint),
+                        checkpoint_digest=rc["checkpoint_digest"],
+                        ids_sha256=ids_digest(ids["id_code"].tolist()),
+                        finished=run.finished, allow_unfinished=bool(allow_unfinished),
+                        split=split, tta=views,
                         trained_classes=trained_classes,
                         shape=list(logits.shape), channels=list(rc["channels"]),
                         fold=run.fold, epoch=rc.get("epoch"), stage=rc.get("stage"),
@@ -327,6 +378,21 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
     if d.rank != 0:
         return None  # rank 0 reports (fire would print every rank's summary)
     return dict(out_dir=str(out_dir), split=split, runs=len(runs), files=written)
+
+
+def stale_reason(out: str, split: str, digest: str, wells: pd.DataFrame | None) -> str | None:
+    """Why the prediction in `out` is not of this checkpoint and these wells (None: it is)."""
+    meta = read_meta(out, split) or {}
+    if meta.get("checkpoint_digest") != digest:
+        return (f"its checkpoint changed since (tensors {str(meta.get('checkpoint_digest'))[:12]}"
+                f" then, {digest[:12]} now)")
+    ids_path = os.path.join(out, IDS_FILE.format(split=split))
+    ids = read_ids(ids_path) if os.path.isfile(ids_path) else []
+    if meta.get("ids_sha256") != ids_digest(ids):
+        return f"{ids_path} is not the one written with it"
+    if wells is not None and ids != wells["id_code"].tolist():
+        return f"{ids_path} does not list this store's test wells in this order"
+    return None
 
 
 def _loader(shards_pkg, store_dir: str, wells: pd.DataFrame, rc: dict, batch_size: int,
