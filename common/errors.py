@@ -8,8 +8,9 @@ all CLIs. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+from typing import Callable, Iterable
 
 EXIT_BAD_INPUT = 2
 
@@ -32,3 +33,13 @@ def run_cli(main: Callable[[], object]) -> object:
 
 def one_line(message: str) -> str:
     return " ".join(message.split())
+
+
+def refuse_to_replace(paths: Iterable[str], what: str = "output") -> None:
+    """Nothing a user has is overwritten: a BadInput naming the first of `paths` that exists
+    (and how many more), unless the caller was given --overwrite and skips this check."""
+    existing = [str(p) for p in paths if os.path.lexists(str(p))]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise BadInput(f"{existing[0]}{more}: {what} exists; give --overwrite to replace it, "
+                       "or choose another output")

@@ -49,7 +49,7 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
 
 def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, out=None,
              no_assign=False, temperature=1.0, min_margin=0.05, model_root=None,
-             allow_missing=False):
+             allow_missing=False, overwrite=False):
     """Average logits (subsets, folds, models, extra files), softmax, plate-constrained assignment.
 
     Writes OUT (default PREDICT_ROOT/submission.csv) in sample_submission order
@@ -63,26 +63,29 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
     --model-root LOGS/<part> so is every run there with checkpoints/best.pth.
     A member without it (a predict-all that stopped early or never ran) is an
     error listing them all; --allow-missing ensembles the rest with a warning.
+    An existing OUT (or its sidecars) is replaced only with --overwrite.
     """
     from infer.ensemble import ensemble as run
     return run(data_dir, predict_root, model_names=model_names, extra_logits=extra_logits,
                out=out, assign=not no_assign, temperature=temperature, min_margin=min_margin,
-               model_root=model_root, allow_missing=allow_missing)
+               model_root=model_root, allow_missing=allow_missing, overwrite=overwrite)
 
 
 def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5,
                   model_names=None, extra_logits=None, temperature=1.0, min_margin=0.05,
-                  confidence="group", allow_missing=False):
+                  confidence="group", allow_missing=False, overwrite=False):
     """Part III CSVs: each fold's train rows + test wells whose assigned siRNA has p >= min_confidence.
 
     --confidence group (default) measures p within the plate's siRNA group; full uses the plain
     softmax. OUT_DIR must not be FOLDS_DIR (nor a link to it). Missing predictions are an error
-    as in `ensemble`, unless --allow-missing.
+    as in `ensemble`, unless --allow-missing. Existing CSVs in OUT_DIR are replaced only
+    with --overwrite.
     """
     from infer.pseudo import pseudo_labels as run
     return run(data_dir, predict_root, folds_dir, out_dir, min_confidence=min_confidence,
                model_names=model_names, extra_logits=extra_logits, temperature=temperature,
-               min_margin=min_margin, confidence=confidence, allow_missing=allow_missing)
+               min_margin=min_margin, confidence=confidence, allow_missing=allow_missing,
+               overwrite=overwrite)
 
 
 def score(submission=None, truth=None, predict_root=None, split="valid", folds_dir=None,

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from common.arglists import parse_names
+from common.errors import refuse_to_replace
 from infer import InferError
 from infer.assign import assign_plates, log_softmax
 from infer.groups import Groups, format_plate_table, infer_plate_groups, load_train_groups
@@ -134,7 +135,11 @@ def build(data_dir, predict_root=None, model_names=None, extra_logits=(), assign
 
 def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, out=None,
              assign=True, temperature=1.0, min_margin=0.05, allow_missing=False,
-             model_root=None) -> dict:
+             model_root=None, overwrite=False) -> dict:
+    if out is None and predict_root is not None:
+        out = os.path.join(str(predict_root), "submission.csv")
+    if out is not None and not overwrite:
+        refuse_to_replace(submission_files(str(out)), "a submission or its sidecar")
     result, used = build(data_dir, predict_root, model_names, extra_logits or (), assign,
                          temperature, min_margin, allow_missing=allow_missing,
                          model_root=model_root)
@@ -147,6 +152,8 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
     sub = order_like_sample(sub, data_dir)
 
     stem = out[:-4] if out.endswith(".csv") else out
+    if not overwrite:
+        refuse_to_replace(submission_files(out), "a submission or its sidecar")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     write_atomic(out, lambda p: sub.to_csv(p, index=False))
     write_atomic(stem + ".ids.csv", lambda p: result.wells[["id_code"]].to_csv(p, index=False))
@@ -163,6 +170,12 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
                        changed_by_assignment=round(changed, 4))
     print(f"ensembled {len(used)} logit file(s) -> {out} ({len(sub)} wells)")
     return summary
+
+
+def submission_files(out: str) -> list[str]:
+    """The submission and the sidecars the ensemble writes beside it."""
+    stem = out[:-4] if out.endswith(".csv") else out
+    return [out] + [stem + s for s in (".ids.csv", ".probs.npy", ".plates.csv")]
 
 
 def order_like_sample(sub: pd.DataFrame, data_dir) -> pd.DataFrame:
