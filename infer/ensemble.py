@@ -155,11 +155,19 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
     if not overwrite:
         refuse_to_replace(submission_files(out), "a submission or its sidecar")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_atomic(out, lambda p: sub.to_csv(p, index=False))
-    write_atomic(stem + ".ids.csv", lambda p: result.wells[["id_code"]].to_csv(p, index=False))
-    write_atomic(stem + ".probs.npy", lambda p: np.save(p, result.probs))
+    writes = [(stem + ".ids.csv", lambda p: result.wells[["id_code"]].to_csv(p, index=False)),
+              (stem + ".probs.npy", lambda p: np.save(p, result.probs))]
     if result.plates is not None:
-        write_atomic(stem + ".plates.csv", lambda p: result.plates.to_csv(p, index=False))
+        writes.append((stem + ".plates.csv", lambda p: result.plates.to_csv(p, index=False)))
+    writes.append((out, lambda p: sub.to_csv(p, index=False)))   # last: it marks a whole set
+    done = []
+    try:
+        for path, write in writes:
+            done.append(write_atomic(path, write))
+    except BaseException:
+        for path in done:   # a full disk must not leave sidecars of a submission never written
+            os.remove(path)
+        raise
 
     summary = dict(submission=out, wells=len(sub), members=len(used))
     if result.plates is not None:

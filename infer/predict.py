@@ -54,6 +54,7 @@ from infer import InferError
 from infer.predictions import (IDS_FILE, PRED_FILE, ids_digest, pred_dir, read_ids, read_meta,
                                write_predictions)
 from infer.wells import experiments_of, int_column, load_test_wells
+from shards.atomic import check_writable
 from shards.layout import CONTROL_BASE, N_CONTROLS, N_SIRNAS, N_TREATMENTS
 from shards.metadata import read_csv_checked
 from shards.source_layout import wells_file
@@ -324,6 +325,7 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
     if amp is not None and amp not in AMP_MODES:
         raise InferError(f"--amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
     runs = find_runs(model_root, model_name, folds, channels, allow_unfinished)
+    check_writable(out_dir)
     d, dev = setup(device)
     store_sites = shards_pkg.open_store(str(shards)).sites
     test_wells = test_selection(store_sites, data_dir) if split == "test" else None

@@ -17,6 +17,7 @@ warning that it cannot be checked; re-training the run gives one.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import random
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from common.errors import BadInput
-from shards.atomic import write_atomic
+from shards.atomic import write_bytes
 
 FORMAT = "cellshard-train"
 FORMAT_VERSION = 2   # 2: tensors_sha256
@@ -44,7 +45,11 @@ def save(obj, path: str) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     obj = {**obj, "format": FORMAT, "format_version": FORMAT_VERSION}
     obj[DIGEST_KEY] = tensors_digest(obj)
-    write_atomic(path, lambda tmp: torch.save(obj, tmp), durable=True)
+    # Serialized in memory first: torch's writer reports a full disk as a bare RuntimeError,
+    # a plain file write as OSError(ENOSPC), which the CLIs turn into one line.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer(), durable=True)
 
 
 def load(path: str, map_location="cpu", expect: dict | None = None) -> dict:
