@@ -47,15 +47,15 @@ from tqdm import tqdm
 from common.arglists import parse_folds, parse_subsets
 from common.distributed import Dist, init_distributed
 from common.precision import AMP_MODES, amp_dtype, autocast
-from common.run_layout import (CONFIG, channels_dirname, checkpoint_path, find_run_dirs,
-                               fold_dirname, is_finished, run_subdir)
+from common.run_layout import (channels_dirname, checkpoint_path, find_run_dirs, fold_dirname,
+                               is_finished, run_subdir)
 from common.well_logits import WellMeans, well_of_row
 from infer import InferError
-from infer.predictions import (IDS_FILE, PRED_FILE, ids_digest, pred_dir, read_ids, read_meta,
-                               write_predictions)
+from infer.predictions import PRED_FILE, ids_digest, pred_dir, write_predictions
+from infer.run_proof import expected_of, stale_reason
 from infer.wells import experiments_of, int_column, load_test_wells
 from shards.atomic import check_writable
-from shards.layout import CONTROL_BASE, N_CONTROLS, N_SIRNAS, N_TREATMENTS
+from shards.layout import CONTROL_BASE, N_SIRNAS, N_TREATMENTS
 from shards.metadata import read_csv_checked
 from shards.source_layout import wells_file
 
@@ -113,27 +113,6 @@ def find_runs(model_root, model_name, folds=None, channels=None,
                          + (f" for folds {folds}" if folds is not None else "")
                          + (f" for channels {sorted(want_ch)}" if want_ch else ""))
     return runs
-
-
-def expected_of(run: Run) -> dict:
-    """What the checkpoint of `run` must be (train.load_for_inference's `expect`): Part I
-    (31 classes) without a fold level, else Part II/III of 1108 or 1139 classes; and the
-    part of the run's own config.yml when it has one (a checkpoint copied in from elsewhere)."""
-    if run.fold is None:
-        expect = {"part": ("control",), "num_classes": (N_CONTROLS,)}
-    else:
-        expect = {"part": ("finetune", "pseudo"), "num_classes": (N_TREATMENTS, N_SIRNAS)}
-    config_yml = os.path.join(run.run_dir, CONFIG)
-    if os.path.isfile(config_yml):
-        import yaml
-        try:
-            with open(config_yml) as f:
-                part = (yaml.safe_load(f) or {}).get("part")
-        except (OSError, yaml.YAMLError, AttributeError) as e:
-            raise InferError(f"{config_yml}: cannot be read ({e})") from None
-        if part in expect["part"]:
-            expect["part"] = (part,)
-    return expect
 
 
 def check_run_config(run: Run, rc: dict, model_name: str) -> None:
@@ -380,21 +359,6 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
     if d.rank != 0:
         return None  # rank 0 reports (fire would print every rank's summary)
     return dict(out_dir=str(out_dir), split=split, runs=len(runs), files=written)
-
-
-def stale_reason(out: str, split: str, digest: str, wells: pd.DataFrame | None) -> str | None:
-    """Why the prediction in `out` is not of this checkpoint and these wells (None: it is)."""
-    meta = read_meta(out, split) or {}
-    if meta.get("checkpoint_digest") != digest:
-        return (f"its checkpoint changed since (tensors {str(meta.get('checkpoint_digest'))[:12]}"
-                f" then, {digest[:12]} now)")
-    ids_path = os.path.join(out, IDS_FILE.format(split=split))
-    ids = read_ids(ids_path) if os.path.isfile(ids_path) else []
-    if meta.get("ids_sha256") != ids_digest(ids):
-        return f"{ids_path} is not the one written with it"
-    if wells is not None and ids != wells["id_code"].tolist():
-        return f"{ids_path} does not list this store's test wells in this order"
-    return None
 
 
 def _loader(shards_pkg, store_dir: str, wells: pd.DataFrame, rc: dict, batch_size: int,
