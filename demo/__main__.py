@@ -151,16 +151,17 @@ def main(out_dir="demo_out", channels="[1,2,3,4,5]", folds="0", n_folds=5,
                    "--out-dir", root, "--tta", "8"]
         step(f"predict {part}", predict,
              [PY, "-m", "infer", "ensemble", "--data-dir", data, "--predict-root", root,
-              "--no-assign", "--out", os.path.join(root, "submission_no_assign.csv")],
+              "--no-assign", "--out", os.path.join(root, "submission_no_assign.csv"),
+              "--overwrite"],
              [PY, "-m", "infer", "ensemble", "--data-dir", data, "--predict-root", root,
-              "--out", os.path.join(root, "submission.csv")])
+              "--out", os.path.join(root, "submission.csv"), "--overwrite"])
         return root
 
     ft_root = predict_and_ensemble("finetune")
     step("pseudo-labels", [PY, "-m", "infer", "pseudo-labels", "--data-dir", data,
                            "--predict-root", ft_root, "--folds-dir", csv,
                            "--out-dir", os.path.join(csv, "pseudo"),
-                           "--min-confidence", str(min_confidence)])
+                           "--min-confidence", str(min_confidence), "--overwrite"])
     step("pseudo", *[[PY, "-m", "train", "pseudo", "--channels", c, "--fold", str(k),
                       *train_args] for c in chans for k in fold_list])
     ps_root = predict_and_ensemble("pseudo")

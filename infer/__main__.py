@@ -2,7 +2,7 @@
 
     python -m infer predict-all --shards OUT --model-root LOGS/finetune --model-name NAME \\
         --out-dir PRED [--tta 1|2|8 (default: the run's)] [--batch-size 64] [--split test|valid] [--data-dir DATA] \\
-        [--amp auto|bf16|fp16|none]
+        [--amp auto|bf16|fp16|none] [--overwrite] [--allow-unfinished]
     python -m infer ensemble --data-dir DATA --predict-root PRED [--model-names a,b] \\
         [--extra-logits f.npy,g.npy] [--out submission.csv] [--no-assign] [--temperature 1] \\
         [--model-root LOGS/finetune] [--allow-missing]
@@ -21,7 +21,7 @@ from common.errors import run_cli
 
 def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32, split="test",
                 data_dir=None, folds=None, channels=None, device=None, backend="auto",
-                overwrite=False, amp=None):
+                overwrite=False, amp=None, allow_unfinished=False):
     """Logits of every [channels]/fold_k/<model_name> checkpoint under model_root.
 
     Writes OUT_DIR/[channels]/fold_k/<model_name>/pred_<split>.npy (float32,
@@ -37,16 +37,19 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
     restrict the runs; --overwrite redoes runs whose output exists (they are
     skipped otherwise). --amp (auto, bf16, fp16, none) defaults to each run's
     own training setting; auto is bf16 only where the device computes it natively.
+    Runs without checkpoints/finished.json are refused; --allow-unfinished predicts their
+    best.pth so far (recorded in pred_<split>.json). An existing prediction whose checkpoint
+    changed since (or whose ids no longer match the store) is predicted again.
     """
     from infer.predict import predict_all as run
     return run(shards, model_root, model_name, out_dir, tta=tta, batch_size=batch_size,
                split=split, data_dir=data_dir, folds=folds, channels=channels, device=device,
-               backend=backend, overwrite=overwrite, amp=amp)
+               backend=backend, overwrite=overwrite, amp=amp, allow_unfinished=allow_unfinished)
 
 
 def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, out=None,
              no_assign=False, temperature=1.0, min_margin=0.05, model_root=None,
-             allow_missing=False):
+             allow_missing=False, overwrite=False):
     """Average logits (subsets, folds, models, extra files), softmax, plate-constrained assignment.
 
     Writes OUT (default PREDICT_ROOT/submission.csv) in sample_submission order
@@ -60,26 +63,29 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
     --model-root LOGS/<part> so is every run there with checkpoints/best.pth.
     A member without it (a predict-all that stopped early or never ran) is an
     error listing them all; --allow-missing ensembles the rest with a warning.
+    An existing OUT (or its sidecars) is replaced only with --overwrite.
     """
     from infer.ensemble import ensemble as run
     return run(data_dir, predict_root, model_names=model_names, extra_logits=extra_logits,
                out=out, assign=not no_assign, temperature=temperature, min_margin=min_margin,
-               model_root=model_root, allow_missing=allow_missing)
+               model_root=model_root, allow_missing=allow_missing, overwrite=overwrite)
 
 
 def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5,
                   model_names=None, extra_logits=None, temperature=1.0, min_margin=0.05,
-                  confidence="group", allow_missing=False):
+                  confidence="group", allow_missing=False, overwrite=False):
     """Part III CSVs: each fold's train rows + test wells whose assigned siRNA has p >= min_confidence.
 
     --confidence group (default) measures p within the plate's siRNA group; full uses the plain
     softmax. OUT_DIR must not be FOLDS_DIR (nor a link to it). Missing predictions are an error
-    as in `ensemble`, unless --allow-missing.
+    as in `ensemble`, unless --allow-missing. Existing CSVs in OUT_DIR are replaced only
+    with --overwrite.
     """
     from infer.pseudo import pseudo_labels as run
     return run(data_dir, predict_root, folds_dir, out_dir, min_confidence=min_confidence,
                model_names=model_names, extra_logits=extra_logits, temperature=temperature,
-               min_margin=min_margin, confidence=confidence, allow_missing=allow_missing)
+               min_margin=min_margin, confidence=confidence, allow_missing=allow_missing,
+               overwrite=overwrite)
 
 
 def score(submission=None, truth=None, predict_root=None, split="valid", folds_dir=None,

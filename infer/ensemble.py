@@ -23,10 +23,12 @@ import numpy as np
 import pandas as pd
 
 from common.arglists import parse_names
+from common.errors import refuse_to_replace
 from infer import InferError
 from infer.assign import assign_plates, log_softmax
 from infer.groups import Groups, format_plate_table, infer_plate_groups, load_train_groups
-from infer.predictions import PredFile, find_predictions, load_logits
+from common.run_layout import checkpoint_path
+from infer.predictions import PredFile, check_member, find_predictions, load_logits
 from infer.wells import load_test_wells
 from shards.atomic import write_atomic
 from shards.layout import CONTROL_BASE
@@ -117,6 +119,9 @@ def build(data_dir, predict_root=None, model_names=None, extra_logits=(), assign
         raise InferError("--model-root is checked against --predict-root; give both")
     else:
         files = []
+    for f in files:
+        check_member(f.path, f.split, None if model_root is None else
+                     checkpoint_path(os.path.join(str(model_root), *f.name.split("/"))))
     extra = parse_names(extra_logits or None, "--extra-logits") or []
     logits, used = average_logits(files, ids, extra)
     groups = load_train_groups(data_dir) if assign else None
@@ -130,7 +135,11 @@ def build(data_dir, predict_root=None, model_names=None, extra_logits=(), assign
 
 def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, out=None,
              assign=True, temperature=1.0, min_margin=0.05, allow_missing=False,
-             model_root=None) -> dict:
+             model_root=None, overwrite=False) -> dict:
+    if out is None and predict_root is not None:
+        out = os.path.join(str(predict_root), "submission.csv")
+    if out is not None and not overwrite:
+        refuse_to_replace(submission_files(str(out)), "a submission or its sidecar")
     result, used = build(data_dir, predict_root, model_names, extra_logits or (), assign,
                          temperature, min_margin, allow_missing=allow_missing,
                          model_root=model_root)
@@ -143,12 +152,22 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
     sub = order_like_sample(sub, data_dir)
 
     stem = out[:-4] if out.endswith(".csv") else out
+    if not overwrite:
+        refuse_to_replace(submission_files(out), "a submission or its sidecar")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_atomic(out, lambda p: sub.to_csv(p, index=False))
-    write_atomic(stem + ".ids.csv", lambda p: result.wells[["id_code"]].to_csv(p, index=False))
-    write_atomic(stem + ".probs.npy", lambda p: np.save(p, result.probs))
+    writes = [(stem + ".ids.csv", lambda p: result.wells[["id_code"]].to_csv(p, index=False)),
+              (stem + ".probs.npy", lambda p: np.save(p, result.probs))]
     if result.plates is not None:
-        write_atomic(stem + ".plates.csv", lambda p: result.plates.to_csv(p, index=False))
+        writes.append((stem + ".plates.csv", lambda p: result.plates.to_csv(p, index=False)))
+    writes.append((out, lambda p: sub.to_csv(p, index=False)))   # last: it marks a whole set
+    done = []
+    try:
+        for path, write in writes:
+            done.append(write_atomic(path, write))
+    except BaseException:
+        for path in done:   # a full disk must not leave sidecars of a submission never written
+            os.remove(path)
+        raise
 
     summary = dict(submission=out, wells=len(sub), members=len(used))
     if result.plates is not None:
@@ -159,6 +178,12 @@ def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, o
                        changed_by_assignment=round(changed, 4))
     print(f"ensembled {len(used)} logit file(s) -> {out} ({len(sub)} wells)")
     return summary
+
+
+def submission_files(out: str) -> list[str]:
+    """The submission and the sidecars the ensemble writes beside it."""
+    stem = out[:-4] if out.endswith(".csv") else out
+    return [out] + [stem + s for s in (".ids.csv", ".probs.npy", ".plates.csv")]
 
 
 def order_like_sample(sub: pd.DataFrame, data_dir) -> pd.DataFrame:

@@ -7,6 +7,14 @@ logits of the two sites and of the TTA views are averaged per well and written
 as `OUT/[channels]/fold_k/<model>/pred_<split>.npy` (float32, one row per well)
 with `ids_<split>.csv` and `pred_<split>.json` (checkpoint, epoch, TTA) beside it.
 
+Only finished runs are predicted (checkpoints/finished.json) unless
+--allow-unfinished, which the prediction records.  The checkpoint must be what
+its folder says: a control run (no fold level) is Part I with 31 classes, a
+fold's run is finetune/pseudo with 1108 or 1139, and the part is the one of
+the run's config.yml.  An existing prediction is kept only while it is of the
+same checkpoint (the digest of its tensors) and its ids file lists the wells
+of this selection in this order; else it is predicted again.
+
 A run trained with the controls as classes (1139 = 1108 siRNAs + 31 controls,
 sirna id = class) keeps the contract of every other run: its first 1108
 columns are written, and pred_<split>.json records `trained_classes`.  A
@@ -40,11 +48,13 @@ from common.arglists import parse_folds, parse_subsets
 from common.distributed import Dist, init_distributed
 from common.precision import AMP_MODES, amp_dtype, autocast
 from common.run_layout import (channels_dirname, checkpoint_path, find_run_dirs, fold_dirname,
-                               run_subdir)
+                               is_finished, run_subdir)
 from common.well_logits import WellMeans, well_of_row
 from infer import InferError
-from infer.predictions import PRED_FILE, pred_dir, write_predictions
+from infer.predictions import PRED_FILE, ids_digest, pred_dir, write_predictions
+from infer.run_proof import expected_of, stale_reason
 from infer.wells import experiments_of, int_column, load_test_wells
+from shards.atomic import check_writable
 from shards.layout import CONTROL_BASE, N_SIRNAS, N_TREATMENTS
 from shards.metadata import read_csv_checked
 from shards.source_layout import wells_file
@@ -59,6 +69,7 @@ class Run:
     channels: tuple          # from the folder name
     fold: int | None         # None: a control run (no fold level)
     run_dir: str
+    finished: bool = True    # checkpoints/finished.json written
 
     @property
     def checkpoint(self) -> str:
@@ -68,11 +79,14 @@ class Run:
         return pred_dir(root, self.channels, self.fold, model_name)
 
 
-def find_runs(model_root, model_name, folds=None, channels=None) -> list[Run]:
+def find_runs(model_root, model_name, folds=None, channels=None,
+              allow_unfinished=False) -> list[Run]:
     """Runs `[channels]/fold_k/<model_name>` (or `[channels]/<model_name>`) under model_root.
 
     A run folder without checkpoints/best.pth is an error (an unfinished run
     must not silently drop out of an ensemble); restrict with folds/channels.
+    So is one without finished.json (a killed run's best so far), unless
+    `allow_unfinished`.
     """
     root = str(model_root)
     if not os.path.isdir(root):
@@ -81,12 +95,18 @@ def find_runs(model_root, model_name, folds=None, channels=None) -> list[Run]:
     want_ch = None if channels is None else parse_subsets(channels)
     runs, unfinished = [], []
     for rp in find_run_dirs(root, model_names=[model_name], folds=folds, subsets=want_ch):
-        run = Run(rp.channels, rp.fold, rp.path)
+        run = Run(rp.channels, rp.fold, rp.path, is_finished(rp.path))
         (runs if os.path.isfile(run.checkpoint) else unfinished).append(run)
     if unfinished:
         raise InferError(f"model root {root}: run(s) without checkpoints/best.pth: "
                          + ", ".join(r.run_dir for r in unfinished)
                          + "; finish them or leave them out with --folds/--channels")
+    killed = [r.run_dir for r in runs if not r.finished]
+    if killed and not allow_unfinished:
+        raise InferError(f"model root {root}: run(s) not finished (no checkpoints/finished.json): "
+                         + ", ".join(killed) + "; resume their training, leave them out with "
+                         "--folds/--channels, or predict their best.pth so far with "
+                         "--allow-unfinished")
     if not runs:
         raise InferError(f"model root {root}: no checkpoints "
                          f"[channels]/fold_<k>/{model_name}/checkpoints/best.pth"
@@ -266,9 +286,11 @@ def _len(loader):
 
 def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32, split="test",
                 data_dir=None, folds=None, channels=None, device=None, backend="auto",
-                overwrite=False, num_workers=None, amp=None) -> dict:
+                overwrite=False, num_workers=None, amp=None, allow_unfinished=False) -> dict:
     import shards as shards_pkg
     from train import load_for_inference
+
+    from train import checkpoint_digest
 
     if split not in ("test", "valid"):
         raise InferError(f"--split {split!r}: choose test or valid")
@@ -281,7 +303,8 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
         num_workers = _positive_int(num_workers, "--num-workers", low=0)
     if amp is not None and amp not in AMP_MODES:
         raise InferError(f"--amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
-    runs = find_runs(model_root, model_name, folds, channels)
+    runs = find_runs(model_root, model_name, folds, channels, allow_unfinished)
+    check_writable(out_dir)
     d, dev = setup(device)
     store_sites = shards_pkg.open_store(str(shards)).sites
     test_wells = test_selection(store_sites, data_dir) if split == "test" else None
@@ -291,11 +314,16 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
         out = run.out_dir(str(out_dir), model_name)
         pred_path = os.path.join(out, PRED_FILE.format(split=split))
         if os.path.isfile(pred_path) and not overwrite:
+            stale = stale_reason(out, split, checkpoint_digest(run.checkpoint), test_wells)
+            if stale is None:
+                if d.rank == 0:
+                    print(f"[{i + 1}/{len(runs)}] {pred_path} exists, skipped (--overwrite to "
+                          "redo)")
+                written.append(pred_path)
+                continue
             if d.rank == 0:
-                print(f"[{i + 1}/{len(runs)}] {pred_path} exists, skipped (--overwrite to redo)")
-            written.append(pred_path)
-            continue
-        model, rc = load_for_inference(run.checkpoint, device=str(dev))
+                print(f"[{i + 1}/{len(runs)}] {pred_path}: {stale}; predicting again")
+        model, rc = load_for_inference(run.checkpoint, device=str(dev), expect=expected_of(run))
         check_run_config(run, rc, model_name)
         run_amp_setting = run_amp(amp, rc)
         views = run_tta(tta, rc)
@@ -310,7 +338,11 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
         if d.rank == 0:
             _check_counts(counts, wells, run.checkpoint)
             ids = wells[["id_code"] + (["sirna"] if "sirna" in wells.columns else [])]
-            meta = dict(checkpoint=os.path.abspath(run.checkpoint), split=split, tta=views,
+            meta = dict(checkpoint=os.path.abspath(run.checkpoint),
+                        checkpoint_digest=rc["checkpoint_digest"],
+                        ids_sha256=ids_digest(ids["id_code"].tolist()),
+                        finished=run.finished, allow_unfinished=bool(allow_unfinished),
+                        split=split, tta=views,
                         trained_classes=trained_classes,
                         shape=list(logits.shape), channels=list(rc["channels"]),
                         fold=run.fold, epoch=rc.get("epoch"), stage=rc.get("stage"),

@@ -3,18 +3,25 @@
     PRED/<[channels]>/fold_<k>/<model>/       (common.run_layout.run_subdir)
         pred_<split>.npy    float32 logits, (wells, classes)
         ids_<split>.csv     id_code (+ sirna for valid) of each row, in row order
-        pred_<split>.json   checkpoint, epoch, TTA, sites per well
+        pred_<split>.json   checkpoint (path and digest of its tensors), epoch, TTA,
+                            sites per well, the ids' digest, whether the run had finished
 
 `pred_<split>.npy` is written last, so its presence means the run's
 prediction is whole; a run folder without it is a prediction that was started
 and not finished (or never made) and is reported as missing, never silently
 left out of an ensemble.  Every file is written atomically (shards.atomic).
 
+A prediction proves what it is: `check_member` refuses one whose checkpoint
+has changed since (its digest differs), whose ids file is not the one written
+with it, or that came from a Part I (control) checkpoint.  Files without a
+pred_<split>.json (other tools' logits) are taken as they are.
+
 This module sits below both predict (which writes) and ensemble/score/pseudo
 (which read), so the format has one home.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -26,6 +33,7 @@ import pandas as pd
 
 from common.run_layout import RunPath, checkpoint_path, find_run_dirs, fold_dirname, run_subdir
 from infer import InferError
+from shards.layout import N_TREATMENTS
 from shards.atomic import write_atomic
 from shards.metadata import read_csv_checked
 
@@ -50,6 +58,60 @@ def write_predictions(out: str, split: str, logits: np.ndarray, ids: pd.DataFram
     pred_path = os.path.join(out, PRED_FILE.format(split=split))
     write_atomic(pred_path, lambda p: np.save(p, np.asarray(logits, np.float32)))
     return pred_path
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of the id_codes in row order: an ids file edited or reordered shows."""
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
+
+
+def read_meta(out: str, split: str) -> dict | None:
+    """pred_<split>.json of a prediction folder; None when there is none."""
+    path = os.path.join(out, META_FILE.format(split=split))
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise InferError(f"{path}: cannot be read as JSON ({e}); run predict-all again with "
+                         "--overwrite for this run") from None
+    if not isinstance(meta, dict):
+        raise InferError(f"{path}: not a JSON object; run predict-all again with --overwrite")
+    return meta
+
+
+def check_member(pred_path: str, split: str, checkpoint: str | None = None) -> dict | None:
+    """Refuse a prediction that is not what it says: from a control checkpoint, its ids file
+    not the one written with it, or its checkpoint (`checkpoint`, else the one it records,
+    when present) changed since.  Returns its meta (None for bare logits)."""
+    from train import checkpoint_digest
+
+    out = os.path.dirname(pred_path)
+    meta = read_meta(out, split)
+    if meta is None:
+        return None
+    if meta.get("stage") == "control" or (meta.get("trained_classes") or N_TREATMENTS) < N_TREATMENTS:
+        raise InferError(f"{pred_path}: predicted by a Part I control checkpoint "
+                         f"({meta.get('checkpoint')}, {meta.get('trained_classes')} classes); "
+                         "ensemble and pseudo-labels take finetune/pseudo predictions")
+    ids_path = os.path.join(out, IDS_FILE.format(split=split))
+    if meta.get("ids_sha256") and os.path.isfile(ids_path) \
+            and ids_digest(read_ids(ids_path)) != meta["ids_sha256"]:
+        raise InferError(f"{ids_path}: not the ids written with {pred_path} (rows edited or "
+                         "reordered); run predict-all again with --overwrite for this run")
+    ck = checkpoint or meta.get("checkpoint")
+    saved = meta.get("checkpoint_digest")
+    if saved and ck and os.path.isfile(ck):
+        now = checkpoint_digest(ck)
+        if now != saved:
+            raise InferError(f"{pred_path} was predicted from checkpoint {ck} with tensors "
+                             f"{saved[:12]}, but {ck} now holds {now[:12]}; run predict-all "
+                             "again (it redoes predictions whose checkpoint changed)")
+    if meta.get("finished") is False:
+        print(f"WARNING: {pred_path} is of a run that had not finished "
+              "(predict-all --allow-unfinished)", file=sys.stderr)
+    return meta
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import os
 import numpy as np
 import pandas as pd
 
+from common.errors import refuse_to_replace
 from infer import InferError
 from infer.ensemble import build, load_train_groups
 from infer.score import read_folds
@@ -82,7 +83,7 @@ def same_directory(a, b) -> bool:
 
 def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5,
                   model_names=None, extra_logits=None, temperature=1.0, min_margin=0.05,
-                  confidence="group", allow_missing=False) -> dict:
+                  confidence="group", allow_missing=False, overwrite=False) -> dict:
     if not 0.0 <= float(min_confidence) <= 1.0:
         raise InferError(f"--min-confidence {min_confidence}: must be a probability in [0, 1]")
     if confidence not in CONFIDENCE_MODES:
@@ -92,6 +93,10 @@ def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5
                          "through links); writing there would overwrite the fold CSVs "
                          "(use e.g. csv/pseudo)")
     folds = read_folds(folds_dir)
+    outputs = [os.path.join(str(out_dir), f"{s}_{k}.csv") for k in sorted(folds)
+               for s in ("train", "valid")] + [os.path.join(str(out_dir), "pseudo_test.csv")]
+    if not overwrite:
+        refuse_to_replace(outputs, "a pseudo-label CSV")
     result, _ = build(data_dir, predict_root, model_names, extra_logits or (), True,
                       temperature, min_margin, allow_missing=allow_missing)
     groups = load_train_groups(data_dir) if confidence == "group" else None

@@ -22,11 +22,11 @@ def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, wor
                image_size=image_size, workers=workers, layout_name=layout)
 
 
-def folds(data_dir, n_folds=5, out_dir="csv", seed=0):
+def folds(data_dir, n_folds=5, out_dir="csv", seed=0, overwrite=False):
     """Write train_k.csv / valid_k.csv split by experiment, as the reference does.
     DATA_DIR holds either RxRx1 layout (Kaggle files, or metadata.csv + images/)."""
     from prep.folds import write_folds
-    return write_folds(data_dir, n_folds=n_folds, out_dir=out_dir, seed=seed)
+    return write_folds(data_dir, n_folds=n_folds, out_dir=out_dir, seed=seed, overwrite=overwrite)
 
 
 def shards(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0):
@@ -47,10 +47,11 @@ def verify(out_dir, full=False, data_dir=None):
     return run(out_dir, full=full, data_dir=data_dir)
 
 
-def preview(out_dir, id_code, site=1, out="site.png"):
-    """Render one site's six channels as an RGB composite PNG."""
+def preview(out_dir, id_code, site=1, out="site.png", overwrite=False):
+    """Render one site's six channels as an RGB composite PNG (an existing --out is
+    replaced only with --overwrite)."""
     from prep.preview import preview as run
-    return run(out_dir, id_code=id_code, site=site, out=out)
+    return run(out_dir, id_code=id_code, site=site, out=out, overwrite=overwrite)
 
 
 def main():

@@ -12,6 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from common.errors import refuse_to_replace
 from shards.atomic import write_atomic
 from shards.layout import CHANNELS, SITES
 from shards.store import StoreError, open_store
@@ -39,7 +40,7 @@ def composite(pixels: np.ndarray, channels=CHANNELS) -> np.ndarray:
     return np.minimum(out, 255).astype(np.uint8)
 
 
-def preview(out_dir, id_code, site=1, out="site.png"):
+def preview(out_dir, id_code, site=1, out="site.png", overwrite=False):
     """Write the composite of one site (from the zarr store) to `out`; returns its path."""
     ext = os.path.splitext(str(out))[1].lower()
     if ext not in Image.registered_extensions():
@@ -50,6 +51,8 @@ def preview(out_dir, id_code, site=1, out="site.png"):
         raise StoreError(f"--out {out}: folder {folder} does not exist")
     if str(site) not in {str(x) for x in SITES}:
         raise StoreError(f"--site {site!r}: sites are {', '.join(map(str, SITES))}")
+    if not overwrite:
+        refuse_to_replace([out], "--out")   # a mistyped path must not replace a source PNG
     store = open_store(out_dir)
     s = store.sites
     hit = s.index[(s["id_code"] == str(id_code)) & (s["site"] == int(site))]

@@ -14,10 +14,12 @@ needs it, since the rename is atomic either way.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import Callable
 
+_NOT_WRITABLE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 _TEMP_RE = re.compile(r"\.tmp-(\d+)(\.[^./]*)?$")
 
 
@@ -46,9 +48,12 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object], *,
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.lexists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+            # Name the file the user asked for, not our temporary.
+            raise OSError(e.errno, e.strerror, path) from e
         raise
     if durable:
         _fsync_dir(os.path.dirname(path) or ".")
@@ -63,6 +68,20 @@ def write_bytes(path: str | os.PathLike, data: bytes | str, *, durable: bool = F
         with open(tmp, "wb") as f:
             f.write(blob)
     return write_atomic(path, write, durable=durable)
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raise OSError (EROFS or EACCES, naming `directory`) when files cannot be created in it
+    or, where it does not exist yet, in its nearest existing parent; creates nothing, so a
+    command can refuse before hours of work whose results it could not keep."""
+    directory = os.path.abspath(str(directory))
+    probe = directory
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if os.statvfs(probe).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), directory)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), directory)
 
 
 def remove_stale_temps(directory: str | os.PathLike, recursive: bool = True) -> list[str]:

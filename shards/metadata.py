@@ -143,6 +143,11 @@ def _source_wells(data_dir) -> pd.DataFrame:
                            for name in WELL_CSVS], ignore_index=True)
         _check_across_files(wells)
         wells["sirna_name"] = ""  # the competition files hold class ids only
+    if wells.empty:
+        named = RELEASE_CSV if detect_layout(data_dir) == RELEASE else ", ".join(WELL_CSVS)
+        raise MetadataError(f"{data_dir}: no sites listed (only a header in {named}); "
+                            "point --data-dir at the data set's CSVs")
+    _check_plate_sirnas(wells, data_dir)
     _add_cell_type(wells)
     for c in ("split", "id_code", "experiment", "cell_type", "well", "well_type", "sirna_name"):
         wells[c] = wells[c].astype(str)
@@ -210,6 +215,25 @@ def _check_unique(path: str, df: pd.DataFrame) -> None:
         listing = ", ".join(f"row {i + 1} (id_code {c})" for i, c in same["id_code"].items())
         raise MetadataError(f"{path}: well {first['well']} of {first['experiment']} plate "
                             f"{first['plate']} is listed twice: {listing}; remove the extra row")
+
+
+def _check_plate_sirnas(wells: pd.DataFrame, data_dir: str) -> None:
+    """A plate holds each treatment siRNA once: the plate groups and the one-to-one
+    assignment rest on it, and a repeat merges two groups (a hand-edited row)."""
+    known = wells[(wells["well_type"] == "treatment") & (wells["sirna"].astype(np.int64) >= 0)]
+    dup = known.duplicated(["experiment", "plate", "sirna"], keep=False)
+    if not dup.any():
+        return
+    first = known[dup].iloc[0]
+    same = known[dup & (known["experiment"] == first["experiment"])
+                 & (known["plate"] == first["plate"]) & (known["sirna"] == first["sirna"])]
+    where = (f"{first['_file']} rows " + ", ".join(str(r) for r in same["_row"])
+             if "_file" in known.columns else os.path.join(data_dir, RELEASE_CSV))
+    raise MetadataError(f"{where}: plate {first['plate']} of {first['experiment']} holds siRNA "
+                        f"{first['sirna']} twice (wells {', '.join(same['well'])}); a plate "
+                        "holds each siRNA once — fix the edited row"
+                        + (f" ({int(dup.sum()) - len(same)} more repeated row(s))"
+                           if int(dup.sum()) > len(same) else ""))
 
 
 def _check_across_files(wells: pd.DataFrame) -> None:

@@ -118,6 +118,7 @@ def _fake_run(root, chan, fold, model="m", best=True):
     os.makedirs(d, exist_ok=True)
     if best:
         open(os.path.join(d, "best.pth"), "wb").close()
+        open(os.path.join(d, "finished.json"), "w").write("{}")
     return d
 
 
@@ -357,6 +358,7 @@ def test_corrupt_or_empty_checkpoint_is_one_line_and_exit_2(tiny_store, tmp_path
     ck = tmp_path / "logs" / "[1,2,3,4,5]" / "fold_0" / MODEL / "checkpoints" / "best.pth"
     os.makedirs(ck.parent)
     ck.write_bytes(content)
+    (ck.parent / "finished.json").write_text("{}")
     with pytest.raises(SystemExit) as e:
         main(["predict-all", "--shards", tiny_store, "--model-root", str(tmp_path / "logs"),
               "--model-name", MODEL, "--out-dir", str(tmp_path / "pred"), "--backend", "torch"])

@@ -40,7 +40,7 @@ def init_from_control(model: nn.Module, cfg: RunConfig) -> str:
             f"control checkpoint {path} not found; Part {cfg.part} starts from the control model "
             f"of the same channel subset — train it first (python -m train control --channels "
             f"\"{list(cfg.channels)}\" ...) or set args.pretrained_control")
-    ck = ckpt.load(path)
+    ck = ckpt.load(path, expect={"part": "control"})
     src = ck["config"]
     src_ch = tuple(src["stages"]["data_params"]["channels"])
     if src["model_params"]["n_channels"] != len(cfg.channels):
