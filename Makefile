@@ -1,4 +1,5 @@
 # cellshard — every target sets up .venv first, so a fresh clone needs no manual step.
+# Paths are quoted in every recipe: DATA_DIR="my data" or OUT_DIR="données" work.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -35,37 +36,37 @@ test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests
 
 synth: $(STAMP)
-	$(PY) -m prep synth --out-dir $(DATA_DIR) --preset $(PRESET) --layout $(LAYOUT)
+	$(PY) -m prep synth --out-dir "$(DATA_DIR)" --preset "$(PRESET)" --layout "$(LAYOUT)"
 
 folds: $(STAMP)
-	$(PY) -m prep folds --data-dir $(DATA_DIR) --n-folds 5 --out-dir $(OUT_DIR)/csv
+	$(PY) -m prep folds --data-dir "$(DATA_DIR)" --n-folds 5 --out-dir "$(OUT_DIR)/csv"
 
 shards: $(STAMP)
-	$(PY) -m prep shards --data-dir $(DATA_DIR) --out-dir $(OUT_DIR) --workers $(WORKERS)
+	$(PY) -m prep shards --data-dir "$(DATA_DIR)" --out-dir "$(OUT_DIR)" --workers "$(WORKERS)"
 
 verify: $(STAMP)
-	$(PY) -m prep verify $(OUT_DIR)
+	$(PY) -m prep verify "$(OUT_DIR)"
 
 # Full sweeps on a real store (GPU: prefix with torchrun, see README).
 train-control: $(STAMP)
-	$(PY) -m train control --shards $(OUT_DIR) --logdir $(LOGS) --model-name $(MODEL) --channels all
+	$(PY) -m train control --shards "$(OUT_DIR)" --logdir "$(LOGS)" --model-name "$(MODEL)" --channels all
 
 train-finetune: $(STAMP)
-	$(PY) -m train finetune --shards $(OUT_DIR) --logdir $(LOGS) --model-name $(MODEL) --channels all --fold all
+	$(PY) -m train finetune --shards "$(OUT_DIR)" --logdir "$(LOGS)" --model-name "$(MODEL)" --channels all --fold all
 
 train-pseudo: $(STAMP)
-	$(PY) -m train pseudo --shards $(OUT_DIR) --logdir $(LOGS) --model-name $(MODEL) --channels all --fold all
+	$(PY) -m train pseudo --shards "$(OUT_DIR)" --logdir "$(LOGS)" --model-name "$(MODEL)" --channels all --fold all
 
 predict: $(STAMP)
-	$(PY) -m infer predict-all --shards $(OUT_DIR) --data-dir $(DATA_DIR) --model-root $(LOGS)/$(STAGE) \
-		--model-name $(MODEL) --out-dir $(PRED)/$(STAGE)
+	$(PY) -m infer predict-all --shards "$(OUT_DIR)" --data-dir "$(DATA_DIR)" --model-root "$(LOGS)/$(STAGE)" \
+		--model-name "$(MODEL)" --out-dir "$(PRED)/$(STAGE)"
 
 ensemble: $(STAMP)
-	$(PY) -m infer ensemble --data-dir $(DATA_DIR) --predict-root $(PRED)/$(STAGE) \
-		--out $(PRED)/$(STAGE)/submission.csv
+	$(PY) -m infer ensemble --data-dir "$(DATA_DIR)" --predict-root "$(PRED)/$(STAGE)" \
+		--out "$(PRED)/$(STAGE)/submission.csv"
 
 demo: $(STAMP)
-	$(PY) -m demo --out-dir $(DEMO_OUT) --channels "$(CHANNELS)" --folds "$(FOLDS)" --layout $(LAYOUT)
+	$(PY) -m demo --out-dir "$(DEMO_OUT)" --channels "$(CHANNELS)" --folds "$(FOLDS)" --layout "$(LAYOUT)"
 
 bench: bench-prep bench-loader bench-train
 	$(PY) -m bench.report
@@ -106,4 +107,4 @@ gpu-check: $(STAMP)
 	$(PY) -m bench.gpu_check
 
 clean:
-	rm -rf out data $(DEMO_OUT) compare_out compare_long compare_selected .pytest_cache
+	rm -rf out data "$(DEMO_OUT)" compare_out compare_long compare_selected .pytest_cache

@@ -34,7 +34,7 @@ import time
 import yaml
 
 from common.arglists import parse_folds, parse_names, parse_subsets
-from common.errors import BadInput, run_cli
+from common.errors import BadInput
 from common.run_layout import channels_dirname
 from bench.compare_table import format_table, summarize  # noqa: F401 (tests, report)
 from shards.atomic import write_bytes
@@ -227,7 +227,7 @@ def _write_overlays(out_dir: str, epochs: int, without=()) -> dict[str, str]:
 
 
 def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,2,3,4,5]",
-         folds="0", out_dir="compare_out", model_name="resnet18", workers=None,
+         folds="0", out_dir="compare_out", model_name="resnet18", workers: int | None = None,
          results=RESULTS, preset="demo", config_overrides=DEMO_YML, plus_without="none"):
     """Train, predict and score the reference recipe, the plus recipe and each technique
     alone (see the module's help); write the table.  --plus-without cutmix,zoom: the plus
@@ -279,5 +279,5 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,
 
 
 if __name__ == "__main__":
-    import fire
-    run_cli(lambda: fire.Fire(main, name="bench.compare"))
+    from common.cli import run_command
+    run_command("bench.compare", main)

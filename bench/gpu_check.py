@@ -53,8 +53,10 @@ CPU_DEFAULTS = dict(size=128, preset="tiny", model="test_resnet", batch=8, steps
 GPU_PARTS = ("agreement", "fp16_scaler", "ddp_nccl")
 
 
-def main(size=None, preset=None, store=None, model=None, batch=None, steps=None, warmup=None,
-         predict_wells=None, workers=None, work_dir=None, out=RESULTS, ddp_worker=False):
+def main(size: int | None = None, preset: str | None = None, store: str | None = None,
+         model: str | None = None, batch: int | None = None, steps: int | None = None,
+         warmup: int | None = None, predict_wells: int | None = None, workers: int | None = None,
+         work_dir: str | None = None, out=RESULTS, ddp_worker: bool | str = False):
     """Prove and measure the GPU paths (CPU parts only without a GPU); writes bench/results_gpu.json.
 
     Args:
@@ -250,7 +252,5 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    import fire
-
-    from common.errors import run_cli
-    run_cli(lambda: fire.Fire(main, name="bench.gpu_check"))
+    from common.cli import run_command
+    run_command("bench.gpu_check", main)

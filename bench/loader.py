@@ -244,7 +244,7 @@ def measure(case, workers, batches, warmup):
             "peak_rss_tree_mb": peak[0]}
 
 
-def main(workers=None, batches=24, warmup=3, case=None):
+def main(workers: int | None = None, batches=24, warmup=3, case: str | None = None):
     """Samples/s of every loader at 512 px, each case in its own process (writes bench/results_loader.json).
 
     Args:
@@ -317,7 +317,5 @@ def main(workers=None, batches=24, warmup=3, case=None):
 
 
 if __name__ == "__main__":
-    import fire
-
-    from common.errors import run_cli
-    run_cli(lambda: fire.Fire(main, name="bench.loader"))
+    from common.cli import run_command
+    run_command("bench.loader", main)

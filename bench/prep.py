@@ -154,7 +154,7 @@ def stage_costs(data_dir, n=32):
     return cost, {"zstd1": raw / packed1, "zstd3": raw / packed3}
 
 
-def main(workers=None):
+def main(workers: int | None = None):
     """Time prep against pure PNG decode on 1 and 2 synthetic 512 px experiments (writes bench/results_prep.json).
 
     Args:
@@ -207,7 +207,5 @@ def main(workers=None):
 
 
 if __name__ == "__main__":
-    import fire
-
-    from common.errors import run_cli
-    run_cli(lambda: fire.Fire(main, name="bench.prep"))
+    from common.cli import run_command
+    run_command("bench.prep", main)

@@ -91,7 +91,5 @@ def main():
 
 
 if __name__ == "__main__":
-    import fire
-
-    from common.errors import run_cli
-    run_cli(lambda: fire.Fire(main, name="bench.report"))
+    from common.cli import run_command
+    run_command("bench.report", main)

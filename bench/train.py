@@ -126,8 +126,8 @@ def loader_batches(size, batch, device, workers, backend, epochs):
     return loader, gen()
 
 
-def main(steps=20, senet_steps=8, warmup=3, batch=None, workers=None, backend="auto",
-         cases="small,senet", device=None, amp="auto"):
+def main(steps=20, senet_steps=8, warmup=3, batch: int | None = None, workers: int | None = None,
+         backend="auto", cases="small,senet", device: str | None = None, amp="auto"):
     """Time a training step with synthetic tensors and fed by the loader (writes bench/results_train.json).
 
     Args:
@@ -206,7 +206,5 @@ def print_table(r):
 
 
 if __name__ == "__main__":
-    import fire
-
-    from common.errors import run_cli
-    run_cli(lambda: fire.Fire(main, name="bench.train"))
+    from common.cli import run_command
+    run_command("bench.train", main)

@@ -19,10 +19,9 @@ import subprocess
 import sys
 import time
 
-import fire
-
 from common.arglists import parse_folds, parse_subsets
-from common.errors import BadInput, run_cli
+from common.cli import run_command
+from common.errors import BadInput
 from common.run_layout import METRICS, channels_dirname, find_run_dirs
 
 PY = sys.executable
@@ -91,7 +90,7 @@ def _check_layout(data: str, layout: str) -> None:
 
 def main(out_dir="demo_out", channels="[1,2,3,4,5]", folds="0", n_folds=5,
          preset="demo", seed=0, config_overrides="configs/demo.yml", model_name="resnet18",
-         workers=None, fresh=False, min_confidence=0.6, layout="kaggle"):
+         workers: int | None = None, fresh=False, min_confidence=0.6, layout="kaggle"):
     """Run synth -> shards -> verify -> folds -> control -> finetune -> ensemble ->
     pseudo-labels -> pseudo -> ensemble -> score, and print the results table.
 
@@ -210,4 +209,4 @@ def format_results(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    run_cli(lambda: fire.Fire(main, name="demo"))
+    run_command("demo", main)

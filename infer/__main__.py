@@ -14,14 +14,12 @@
 
 Bad input exits with status 2 and one line naming the file, plate or id_code.
 """
-import fire
-
-from common.errors import run_cli
+from common.cli import run_commands
 
 
-def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32, split="test",
-                data_dir=None, folds=None, channels=None, device=None, backend="auto",
-                overwrite=False, amp=None, allow_unfinished=False):
+def predict_all(shards, model_root, model_name, out_dir, tta: int | None = None, batch_size=32,
+                split="test", data_dir: str | None = None, folds=None, channels=None, device=None,
+                backend="auto", overwrite=False, amp: str | None = None, allow_unfinished=False):
     """Logits of every [channels]/fold_k/<model_name> checkpoint under model_root.
 
     Writes OUT_DIR/[channels]/fold_k/<model_name>/pred_<split>.npy (float32,
@@ -47,9 +45,9 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
                backend=backend, overwrite=overwrite, amp=amp, allow_unfinished=allow_unfinished)
 
 
-def ensemble(data_dir, predict_root=None, model_names=None, extra_logits=None, out=None,
-             no_assign=False, temperature=1.0, min_margin=0.05, model_root=None,
-             allow_missing=False, overwrite=False):
+def ensemble(data_dir, predict_root: str | None = None, model_names=None, extra_logits=None,
+             out: str | None = None, no_assign=False, temperature=1.0, min_margin=0.05,
+             model_root: str | None = None, allow_missing=False, overwrite=False):
     """Average logits (subsets, folds, models, extra files), softmax, plate-constrained assignment.
 
     Writes OUT (default PREDICT_ROOT/submission.csv) in sample_submission order
@@ -88,8 +86,9 @@ def pseudo_labels(data_dir, predict_root, folds_dir, out_dir, min_confidence=0.5
                overwrite=overwrite)
 
 
-def score(submission=None, truth=None, predict_root=None, split="valid", folds_dir=None,
-          data_dir=None, model_names=None, temperature=1.0, min_margin=0.05):
+def score(submission: str | None = None, truth: str | None = None,
+          predict_root: str | None = None, split="valid", folds_dir: str | None = None,
+          data_dir: str | None = None, model_names=None, temperature=1.0, min_margin=0.05):
     """Top-1 accuracy overall, per cell type and per experiment, with and without the plate
     assignment.
 
@@ -112,7 +111,7 @@ COMMANDS = {"predict-all": predict_all, "ensemble": ensemble,
 
 
 def main(argv=None):
-    return run_cli(lambda: fire.Fire(COMMANDS, command=argv, name="infer"))
+    return run_commands("infer", COMMANDS, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,14 @@
 """`python -m prep COMMAND --help` — synthetic data, folds, shard packing, verification, preview.
 
 Bad input (a CSV, a PNG, a path, an option) ends in one line naming the file,
-row or key, and exit 2 (common.errors.run_cli); a traceback means a bug.
+row or key, and exit 2 (common.errors.run_cli); a traceback means a bug. The
+whole command line is checked before any work (common.cli).
 """
-import fire
-
-from common.errors import run_cli
+from common.cli import run_commands
 
 
-def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, workers=None,
-          layout="kaggle"):
+def synth(out_dir, preset="tiny", seed=0, experiments: int | None = None,
+          image_size: int | None = None, workers: int | None = None, layout="kaggle"):
     """Write a synthetic dataset in an RxRx1 layout (presets: tiny, demo, full).
 
     --layout kaggle (default): the competition's train.csv, test.csv, *_controls.csv
@@ -29,7 +28,7 @@ def folds(data_dir, n_folds=5, out_dir="csv", seed=0, overwrite=False):
     return write_folds(data_dir, n_folds=n_folds, out_dir=out_dir, seed=seed, overwrite=overwrite)
 
 
-def shards(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0):
+def shards(data_dir, out_dir, workers: int | None = None, shard_size_mb: float = 768, seed=0):
     """Pack every site's six PNGs into OUT/store.zarr and OUT/shards/*.tar (resumable).
     DATA_DIR holds either RxRx1 layout (Kaggle files, or metadata.csv + images/).
 
@@ -39,7 +38,7 @@ def shards(data_dir, out_dir, workers=None, shard_size_mb=768, seed=0):
     return pack(data_dir, out_dir, workers=workers, shard_size_mb=shard_size_mb, seed=seed)
 
 
-def verify(out_dir, full=False, data_dir=None):
+def verify(out_dir, full=False, data_dir: str | None = None):
     """Check every array, chunk file and shard (size, sha256, count, index), and the
     pixels of sampled sites (all with --full) against the source PNGs; exit 1 listing
     every problem found."""
@@ -55,8 +54,8 @@ def preview(out_dir, id_code, site=1, out="site.png", overwrite=False):
 
 
 def main():
-    run_cli(lambda: fire.Fire({"synth": synth, "folds": folds, "shards": shards,
-                               "verify": verify, "preview": preview}))
+    run_commands("prep", {"synth": synth, "folds": folds, "shards": shards,
+                          "verify": verify, "preview": preview}, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ class StoreError(BadInput):
     """A store is missing, incomplete, of another format version, or inconsistent."""
 
 
-REPAIR_HINT = "re-run `python -m prep shards DATA_DIR OUT_DIR` to repair it"
+REPAIR_HINT = "re-run `python -m prep shards --data-dir DATA --out-dir OUT` to repair it"
 NORM_ARRAYS = tuple(norm_array(m) for m in NORM_MODES if m != "none")
 
 

@@ -126,6 +126,10 @@ def _check_data(dp, part, where):
            f"stages.data_params.norm {dp['norm']!r} unknown; valid: {list(LOADER_NORMS)}")
     _check(dp["backend"] in BACKENDS, where,
            f"stages.data_params.backend {dp['backend']!r} unknown; valid: {list(BACKENDS)}")
+    # DALI needs at least one thread; found here, not after the store and model are set up.
+    _check(not (dp["backend"] == "dali" and dp["num_workers"] == 0), where,
+           "stages.data_params.backend dali needs stages.data_params.num_workers >= 1 "
+           "(DALI threads); 0 works only with backend torch")
     for k in ("drop_last", "augment", "control_holdout"):
         _check(isinstance(dp[k], bool), where, f"stages.data_params.{k} must be true or false")
     for k in ("channel_dropout", "shear_p"):
@@ -178,8 +182,14 @@ def _check_stage(st, key, where):
     elif sch["scheduler"] == "OneCycleLR":
         _check(_is_int(sch["num_steps"]) and sch["num_steps"] >= 1, where,
                f"{key}.scheduler_params.num_steps (epochs of the cycle) must be an integer >= 1")
-        _check(_is_int(sch["warmup_steps"]) and 0 <= sch["warmup_steps"] < max(sch["num_steps"], 1),
-               where, f"{key}.scheduler_params.warmup_steps must be an integer in [0, num_steps)")
+        _check(_is_int(sch["warmup_steps"]) and sch["warmup_steps"] >= 0, where,
+               f"{key}.scheduler_params.warmup_steps must be an integer >= 0")
+        # A warm-up as long as the cycle leaves no annealing: said here, with the fix.
+        _check(sch["warmup_steps"] < sch["num_steps"], where,
+               f"{key}.scheduler_params.warmup_steps {sch['warmup_steps']} must be less than "
+               f"num_steps {sch['num_steps']} (epochs of the cycle); for a cycle of "
+               f"{sch['num_steps']} epoch(s) set --{key}.scheduler_params.warmup_steps="
+               f"{max(sch['num_steps'] - 1, 0)}")
         for rk in ("lr_range", "momentum_range"):
             r = sch[rk]
             _check(isinstance(r, list) and len(r) == 2 and all(_is_num(x) for x in r), where,

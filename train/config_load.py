@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import yaml
 
 from train.config_schema import DEFAULTS, SCHEDULERS, STAGE_DEFAULTS, STAGE_NAME, ConfigError
+from train.config_shape import check_layer
 
 # The project root (the package's parent): `configs/<part>.yml` means the project's
 # configs wherever the command runs from.
@@ -25,12 +26,32 @@ def project_path(path: str) -> str:
     return inside if os.path.exists(inside) else path
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{self.name}: key {key!r} given twice in one mapping "
+                                  f"(lines {seen[key]} and {line}); keep one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path} is a directory; give a YAML file, e.g. "
+                          "configs/finetune.yml")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path} does not exist")
     with open(path) as f:
         try:
-            d = yaml.safe_load(f)
+            d = yaml.load(f, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if d is None:
@@ -45,6 +66,7 @@ def checked_top(d: dict, where: str) -> dict:
     bad = sorted(set(d) - allowed)
     if bad:
         raise ConfigError(f"{where}: unknown section(s) {bad}; valid sections: {sorted(allowed)}")
+    check_layer(d, where)
     return d
 
 
