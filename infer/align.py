@@ -88,6 +88,7 @@ def tvn(x: np.ndarray, batch: np.ndarray, ctrl: np.ndarray) -> np.ndarray:
                              "needs at least 2 per experiment")
         n = len(ref)
         shrink = d / (n + d)
-        cov = (1 - shrink) * np.cov(ref, rowvar=False).reshape(d, d) + shrink * np.eye(d)
+        cov = np.cov(ref, rowvar=False).reshape(d, d)
+        cov = (1 - shrink) * cov + shrink * np.trace(cov) / d * np.eye(d)
         out[rows] = (z[rows] - ref.mean(0)) @ inverse_sqrt(cov)
     return out
