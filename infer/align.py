@@ -46,15 +46,19 @@ def control_mask(wells: pd.DataFrame) -> np.ndarray:
 
 
 def center_scale(x: np.ndarray, batch: np.ndarray, ctrl: np.ndarray) -> np.ndarray:
-    """Per batch (plate), (x - mean) / std of its control wells."""
+    """Per batch (plate), (x - mean) / std of its control wells.
+
+    A plate's few controls can agree by chance on a feature (or a ReLU feature be 0 in all
+    of them): the std is floored at a tenth of the mean control spread, lest it explode."""
     out = np.empty_like(x)
+    floor = max(0.1 * float(x[ctrl].std(0).mean()), EPS)
     for b in pd.unique(batch):
         rows = batch == b
         ref = x[rows & ctrl]
         if len(ref) < 2:
             raise InferError(f"wells.csv: plate {b} has {len(ref)} control well(s); "
                              "center_scale needs at least 2 per plate")
-        out[rows] = (x[rows] - ref.mean(0)) / np.maximum(ref.std(0), EPS)
+        out[rows] = (x[rows] - ref.mean(0)) / np.maximum(ref.std(0), floor)
     return out
 
 
