@@ -115,3 +115,50 @@ def test_embeddings_of_another_store_are_refused(torch_emb, tiny_run, tmp_path):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "another store" in err[0], err
     assert sorted(os.listdir(out)) == before
+
+
+def test_the_embedding_is_what_the_classifier_reads():
+    import torch
+    from infer.embed import embedding_forward
+    from train.models import create_model
+    torch.manual_seed(0)
+    model = create_model(model="cell_timm", model_name="test_resnet", num_classes=7,
+                         n_channels=5, pretrained="none").eval()
+    x = torch.randn(3, 5, 32, 32)
+    with torch.no_grad():
+        emb = embedding_forward(model)(x)
+        assert torch.allclose(model.get_classifier()(emb), model(x), atol=1e-5)
+
+
+def test_a_model_with_embed_gets_each_sites_cell_type():
+    """A plus model's neck: embed(images, cell) with the per-sample cell-type index, as
+    predict-all feeds the model's forward."""
+    import torch
+    from infer.embed import embedding_forward
+    from infer.predict import Dist, predict_wells
+
+    class CellNet(torch.nn.Module):
+        takes_cell_type = True
+
+        def forward(self, images, cell):
+            raise AssertionError("embed, not forward, is averaged")
+
+        def embed(self, images, cell):
+            assert cell.dtype == torch.int64 and cell.shape == (len(images),)
+            return torch.stack([images.mean((1, 2, 3)), cell.float()], 1)
+
+        @staticmethod
+        def cell_types_of_rows(sites):
+            return np.array([0, 0, 3, 3], np.int64)
+
+    sites = pd.DataFrame({"row": np.arange(4), "id_code": ["A-01_1_B02"] * 2 + ["D-01_1_B02"] * 2,
+                          "site": [1, 2, 1, 2]})
+    images = torch.arange(4, dtype=torch.float32)[:, None, None, None].expand(4, 1, 2, 2)
+    loader = [(images[:3], torch.zeros(3), torch.tensor([0, 1, 2])),
+              (images[3:], torch.zeros(1), torch.tensor([3]))]
+    loader_obj = type("L", (), {"sites": sites, "__iter__": lambda self: iter(loader)})()
+    wells = pd.DataFrame({"id_code": ["D-01_1_B02", "A-01_1_B02"]})
+    model = CellNet()
+    emb, counts = predict_wells(model, loader_obj, wells, 1, torch.device("cpu"), Dist(),
+                                forward=embedding_forward(model))
+    assert np.allclose(emb, [[2.5, 3.0], [0.5, 0.0]]) and list(counts) == [2, 2]

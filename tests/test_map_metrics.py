@@ -182,3 +182,15 @@ def test_embeddings_that_disagree_with_their_wells_are_one_line(tmp_path, capsys
     err = _bad_input(capsys, "map", "--embeddings", str(tmp_path / "emb"), "--out",
                      str(tmp_path / "map"))
     assert "wells.csv" in err and "different runs or stores" in err
+
+
+def test_labels_fill_the_unknown_test_wells_and_refuse_strangers():
+    from infer import InferError
+    from infer.embeddings import apply_labels
+    wells = pd.DataFrame({"id_code": ["a", "b", "c"], "sirna": [5, -1, -1]})
+    out = apply_labels(wells, pd.DataFrame({"id_code": ["c", "b"], "sirna": [7, 8]}), "sub.csv")
+    assert list(out["sirna"]) == [5, 8, 7] and list(wells["sirna"]) == [5, -1, -1]
+    with pytest.raises(InferError, match="sub.csv: 1 id_code.*'z'"):
+        apply_labels(wells, pd.DataFrame({"id_code": ["z"], "sirna": [1]}), "sub.csv")
+    with pytest.raises(InferError, match="id_code a labelled 6 but the store says sirna 5"):
+        apply_labels(wells, pd.DataFrame({"id_code": ["a"], "sirna": [6]}), "sub.csv")
