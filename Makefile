@@ -21,7 +21,7 @@ FOLDS    ?= 0
 DEMO_OUT ?= demo_out
 
 .PHONY: setup test synth folds shards verify train-control train-finetune train-pseudo \
-        predict ensemble demo bench bench-prep bench-loader bench-train gpu-check compare compare-long \
+        predict ensemble demo map bench bench-prep bench-loader bench-train gpu-check compare compare-long \
         compare-selected clean
 
 setup: $(STAMP)
@@ -67,6 +67,15 @@ ensemble: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m demo --out-dir "$(DEMO_OUT)" --channels "$(CHANNELS)" --folds "$(FOLDS)" --layout "$(LAYOUT)"
+
+# The demo's next step: its pseudo run embedded (every well) and mapped (none, center_scale,
+# tvn), scored on replicate mAP, batch leakage and the planted relations; prints the table.
+MAP_RUN ?= $(DEMO_OUT)/logs/pseudo/[1,2,3,4,5]/fold_0/resnet18
+map: $(STAMP)
+	$(PY) -m infer embed --shards $(DEMO_OUT)/store --run '$(MAP_RUN)' --out $(DEMO_OUT)/embeddings \
+		--labels $(DEMO_OUT)/data
+	$(PY) -m infer map --embeddings $(DEMO_OUT)/embeddings --out $(DEMO_OUT)/map \
+		--relations $(DEMO_OUT)/data/relations.csv
 
 bench: bench-prep bench-loader bench-train
 	$(PY) -m bench.report

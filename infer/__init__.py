@@ -1,4 +1,4 @@
-"""Inference: predict-all, ensemble with the plate constraint, pseudo-labels, score.
+"""Inference: predict-all, ensemble with the plate constraint, pseudo-labels, score, embed, map.
 
 `python -m infer COMMAND --help`.  Modules, one job each:
 
@@ -11,6 +11,11 @@
 - `truth`    the test labels to score against (release metadata.csv, test_truth.csv)
 - `score`    accuracy of a submission, of test or of validation logits, per cell type
 - `predict`  stream the store through every checkpoint (imports torch)
+- `embed`    every well of the store through one run: its embeddings (imports torch)
+- `embeddings` the embeddings directory (embeddings.zarr, wells.csv, embed.json)
+- `align`    batch alignment on the control wells: none, center_scale, tvn
+- `map_metrics` replicate mAP (copairs), batch leakage, recall of known relations
+- `map`, `map_figures` aligned -> profiles -> similarity, metrics, table and figures
 """
 
 from common.errors import BadInput

@@ -1,4 +1,4 @@
-"""`python -m infer COMMAND --help` — predict-all, ensemble, pseudo-labels, score.
+"""`python -m infer COMMAND --help` — predict-all, ensemble, pseudo-labels, score, embed, map.
 
     python -m infer predict-all --shards OUT --model-root LOGS/finetune --model-name NAME \\
         --out-dir PRED [--tta 1|2|8 (default: the run's)] [--batch-size 64] [--split test|valid] [--data-dir DATA] \\
@@ -11,6 +11,10 @@
     python -m infer score --submission submission.csv --truth DATA/metadata.csv|DATA/test_truth.csv
     python -m infer score --predict-root PRED --split test --truth DATA/metadata.csv [--data-dir DATA]
     python -m infer score --predict-root PRED --split valid --folds-dir csv
+    python -m infer embed --shards OUT --run LOGS/<part>/[ch]/[fold_k/]<model> --out EMB \
+        [--labels DATA/metadata.csv|submission.csv] [--tta 1|2|8] [--batch-size 32]
+    python -m infer map --embeddings EMB --out MAP [--relations DATA/relations.csv] \
+        [--alignments none,center_scale,tvn]
 
 Bad input exits with status 2 and one line naming the file, plate or id_code.
 """
@@ -106,8 +110,45 @@ def score(submission: str | None = None, truth: str | None = None,
                min_margin=min_margin, data_dir=data_dir)
 
 
+def embed(shards, run, out, labels=None, tta=None, batch_size=32, device=None, backend="auto",
+          amp=None, overwrite=False):
+    """One embedding per well of the store (train, test, controls) from one trained run.
+
+    The embedding is the layer the classifier reads (a plus model's neck, else the
+    backbone's pooled features), averaged over the two sites (and the TTA views: default
+    the run's, as predict-all). Writes OUT/embeddings.zarr (float32, n_wells x d) and
+    OUT/wells.csv (id_code, experiment, plate, well, cell_type, well_type, sirna). sirna
+    comes from the store (train and controls) and, for test wells, from --labels: the
+    release's metadata.csv (public test labels), test_truth.csv, or a submission.csv.
+    --run is a run folder holding checkpoints/best.pth, or a checkpoint. Resumable (one
+    experiment at a time); --overwrite starts again. Under torchrun rank 0 writes.
+    """
+    from infer.embed import embed as run_embed
+    return run_embed(shards, run, out, labels=labels, tta=tta, batch_size=batch_size,
+                     device=device, backend=backend, amp=amp, overwrite=overwrite)
+
+
+def map(embeddings, out, relations=None, alignments="none,center_scale,tvn", null_size=10000,
+        seed=0, figures=True):
+    """A phenomic map from `infer embed`'s output, scored, under each alignment.
+
+    Align (none; center_scale: per plate on its control wells; tvn: whitening fitted on
+    the control wells, then each experiment's control covariance aligned), aggregate per
+    siRNA x cell type and per siRNA, relate by cosine similarity. Writes per alignment
+    OUT/<alignment>/{aligned.npy, profiles.csv, profiles.npy, similarity.npy}, and
+    OUT/metrics.json, OUT/metrics.md and the figures (OUT/*.png). Metrics: replicate mAP
+    across experiments (copairs; mean, fraction significant at FDR 5 %) within and across
+    cell types, batch leakage (controls retrieving their own experiment; lower is better)
+    and, with --relations (sirna_a,sirna_b[,family]), the recall of those pairs among the
+    top and bottom 5 % of similarities (chance 0.10).
+    """
+    from infer.map import phenomic_map
+    return phenomic_map(embeddings, out, relations=relations, alignments=alignments,
+                        null_size=null_size, seed=seed, figures=figures)
+
+
 COMMANDS = {"predict-all": predict_all, "ensemble": ensemble,
-            "pseudo-labels": pseudo_labels, "score": score}
+            "pseudo-labels": pseudo_labels, "score": score, "embed": embed, "map": map}
 
 
 def main(argv=None):

@@ -247,10 +247,14 @@ def treatment_columns(logits: np.ndarray, rc: dict) -> tuple[np.ndarray, int]:
 
 @torch.no_grad()
 def predict_wells(model, loader, wells: pd.DataFrame, tta: int, device: torch.device,
-                  d: Dist, desc: str = "predict", amp: str = "auto") -> tuple[np.ndarray, np.ndarray]:
+                  d: Dist, desc: str = "predict", amp: str = "auto",
+                  forward=None) -> tuple[np.ndarray, np.ndarray]:
     """(n_wells, C) float32 logits averaged over sites and views, and sites seen per well.
 
-    `amp`: the autocast choice (common.precision): auto = bf16 only where the device has it."""
+    `amp`: the autocast choice (common.precision): auto = bf16 only where the device has it.
+    `forward(images, *cell_type)`: what is averaged, the model's logits unless given
+    (`infer embed` passes the layer the classifier reads)."""
+    forward = model if forward is None else forward
     means = WellMeans(well_of_row(loader.sites, wells), len(wells))
     dtype = amp_dtype(amp, device)
     # A model with the cell type as input gets it per site (rows point into loader.sites).
@@ -265,7 +269,7 @@ def predict_wells(model, loader, wells: pd.DataFrame, tta: int, device: torch.de
         logits = None
         for view in tta_views(images, tta):
             with autocast(device, dtype):
-                out = model(view, *extra).float()
+                out = forward(view, *extra).float()
             logits = out if logits is None else logits + out
         means.add(rows, (logits / tta).cpu().numpy())
     if d.enabled:
@@ -294,15 +298,7 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
 
     if split not in ("test", "valid"):
         raise InferError(f"--split {split!r}: choose test or valid")
-    if tta is not None:
-        tta = _positive_int(tta, "--tta")
-        if tta not in TTA_CHOICES:
-            raise InferError(f"--tta {tta}: choose one of {TTA_CHOICES}")
-    batch_size = _positive_int(batch_size, "--batch-size")
-    if num_workers is not None:
-        num_workers = _positive_int(num_workers, "--num-workers", low=0)
-    if amp is not None and amp not in AMP_MODES:
-        raise InferError(f"--amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
+    tta, batch_size, num_workers = pass_options(tta, batch_size, num_workers, amp)
     runs = find_runs(model_root, model_name, folds, channels, allow_unfinished)
     check_writable(out_dir)
     d, dev = setup(device)
@@ -328,7 +324,7 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
         run_amp_setting = run_amp(amp, rc)
         views = run_tta(tta, rc)
         wells = test_wells if split == "test" else valid_selection(rc, store_sites, run.checkpoint)
-        loader = _loader(shards_pkg, str(shards), wells, rc, batch_size, dev, d, backend,
+        loader = well_loader(shards_pkg, str(shards), wells, rc, batch_size, dev, d, backend,
                          num_workers)
         logits, counts = predict_wells(model, loader, wells, views, dev, d,
                                        desc=f"[{i + 1}/{len(runs)}] "
@@ -336,7 +332,7 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
                                        amp=run_amp_setting)
         logits, trained_classes = treatment_columns(logits, rc)
         if d.rank == 0:
-            _check_counts(counts, wells, run.checkpoint)
+            check_counts(counts, wells, run.checkpoint)
             ids = wells[["id_code"] + (["sirna"] if "sirna" in wells.columns else [])]
             meta = dict(checkpoint=os.path.abspath(run.checkpoint),
                         checkpoint_digest=rc["checkpoint_digest"],
@@ -361,8 +357,8 @@ def predict_all(shards, model_root, model_name, out_dir, tta=None, batch_size=32
     return dict(out_dir=str(out_dir), split=split, runs=len(runs), files=written)
 
 
-def _loader(shards_pkg, store_dir: str, wells: pd.DataFrame, rc: dict, batch_size: int,
-            dev: torch.device, d: Dist, backend: str, num_workers):
+def well_loader(shards_pkg, store_dir: str, wells: pd.DataFrame, rc: dict, batch_size: int,
+                dev: torch.device, d: Dist, backend: str, num_workers):
     """The one call of the loader: both sites, no augmentation, storage order."""
     spec = shards_pkg.LoaderSpec(
         channels=tuple(rc["channels"]), norm=rc["norm"], sites="two",
@@ -372,13 +368,27 @@ def _loader(shards_pkg, store_dir: str, wells: pd.DataFrame, rc: dict, batch_siz
     return shards_pkg.make_loader(store_dir, wells[["id_code", "experiment", "label"]], spec)
 
 
-def _positive_int(value, option: str, low: int = 1) -> int:
+def pass_options(tta, batch_size, num_workers, amp) -> tuple:
+    """(tta, batch_size, num_workers) of a model pass, checked (predict-all and embed)."""
+    if tta is not None:
+        tta = positive_int(tta, "--tta")
+        if tta not in TTA_CHOICES:
+            raise InferError(f"--tta {tta}: choose one of {TTA_CHOICES}")
+    batch_size = positive_int(batch_size, "--batch-size")
+    if num_workers is not None:
+        num_workers = positive_int(num_workers, "--num-workers", low=0)
+    if amp is not None and amp not in AMP_MODES:
+        raise InferError(f"--amp {amp!r}: choose one of {', '.join(AMP_MODES)}")
+    return tta, batch_size, num_workers
+
+
+def positive_int(value, option: str, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
         raise InferError(f"{option} {value!r}: need an integer >= {low}")
     return int(value)
 
 
-def _check_counts(counts: np.ndarray, wells: pd.DataFrame, ck: str) -> None:
+def check_counts(counts: np.ndarray, wells: pd.DataFrame, ck: str) -> None:
     none = wells["id_code"][counts == 0]
     if len(none):
         raise InferError(f"{ck}: {len(none)} well(s) got no prediction (e.g. {list(none[:3])}); "

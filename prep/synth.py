@@ -11,6 +11,10 @@ What is planted (README "Synthetic data" has the long form):
   cell size, elongation, nucleus size, Golgi offset, per-channel intensity and
   per-channel texture); most siRNAs move 3 of them, controls move more; the
   negative control moves none;
+* families of siRNAs share a phenotype direction (a member's phenotype is 0.8 of
+  the family's direction plus 0.6 of its own; the rest stay independent), one member
+  per plate group, so the plate constraint still tells them apart; the pairs are
+  written as relations.csv, the map benchmark's ground truth (`infer map --relations`);
 * every cell type has its own baseline and mixes the phenotype through its own
   response matrix (`0.7 I + 0.3 R`), so a phenotype looks related, not equal,
   across cell types;
@@ -41,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.errors import BadInput
-from prep.synth_csv import write_csvs, write_release_csvs
+from prep.synth_csv import write_csvs, write_relations, write_release_csvs
 from shards import layout
 from shards.atomic import write_bytes
 
@@ -68,6 +72,10 @@ N_PARAMS = len(PARAMS)  # 17
 EFFECT_SIZE = 0.45        # phenotype amplitude per moved parameter (log scale)
 PARAMS_MOVED = 3          # parameters a treatment siRNA moves
 CONTROL_PARAMS_MOVED = 5  # positive controls are stronger, as in real screens
+FAMILY_SIZE = 3           # siRNAs sharing a phenotype direction, each from another plate group
+FAMILY_SHARE = 0.8        # weight of the shared direction (own: sqrt(1 - 0.8^2) = 0.6)
+SIRNAS_PER_FAMILY = 10    # one family per this many treatment siRNAs (at least 2 families)
+RELATIONS_CSV = "relations.csv"
 WELL_NOISE = 0.12         # per-well parameter noise (log scale)
 BATCH_GAIN_SD = 0.35      # per-experiment, per-channel log gain
 PLATE_GAIN_SD = 0.05
@@ -125,12 +133,43 @@ def design(preset: dict, seed: int) -> dict:
     for s in controls[:-1]:
         phenotype[s] = sparse_effect(rng, CONTROL_PARAMS_MOVED) * 1.3
     # the negative control stays at zero: cells as the cell type makes them
+    families = plant_families(phenotype, groups, seed)
 
     response = {ct: 0.7 * np.eye(N_PARAMS) + 0.3 * rng.normal(size=(N_PARAMS, N_PARAMS)) / np.sqrt(N_PARAMS)
                 for ct in layout.CELL_TYPES}
     baseline = {ct: rng.normal(0, 0.25, N_PARAMS) for ct in layout.CELL_TYPES}
     return dict(groups=groups, controls=controls, phenotype=phenotype,
-                response=response, baseline=baseline, n_treat=n_treat)
+                response=response, baseline=baseline, n_treat=n_treat, families=families)
+
+
+def plant_families(phenotype: np.ndarray, groups: np.ndarray, seed: int) -> np.ndarray:
+    """(n_families, FAMILY_SIZE) siRNA ids whose phenotypes now share a direction.
+
+    Its own random stream, drawn after the phenotypes: every siRNA outside a family
+    keeps the phenotype (and pixels) it had before families existed."""
+    rng = np.random.default_rng([seed, 6])
+    n_groups, group_size = groups.shape
+    n_fam = max(2, groups.size // SIRNAS_PER_FAMILY)
+    pools = [list(rng.permutation(g)) for g in groups]
+    own = np.sqrt(1 - FAMILY_SHARE ** 2)
+    families = []
+    for _ in range(n_fam):
+        avail = [g for g in range(n_groups) if pools[g]]
+        if len(avail) < FAMILY_SIZE:
+            break
+        members = [int(pools[g].pop()) for g in rng.choice(avail, FAMILY_SIZE, replace=False)]
+        shared = sparse_effect(rng, PARAMS_MOVED)
+        for s in members:
+            phenotype[s] = FAMILY_SHARE * shared + own * phenotype[s]
+        families.append(sorted(members))
+    return np.asarray(families, np.int64).reshape(-1, FAMILY_SIZE)
+
+
+def relation_pairs(families: np.ndarray) -> pd.DataFrame:
+    """Every pair within a family: sirna_a < sirna_b (class ids), family (0-based)."""
+    rows = [(int(a), int(b), f) for f, fam in enumerate(families)
+            for i, a in enumerate(fam) for b in fam[i + 1:]]
+    return pd.DataFrame(rows, columns=["sirna_a", "sirna_b", "family"])
 
 
 def sparse_effect(rng, n_moved: int) -> np.ndarray:
@@ -331,9 +370,10 @@ def synth(out_dir, preset="tiny", seed=0, experiments=None, image_size=None, wor
         write_release_csvs(out_dir, wells, stats)
     else:
         write_csvs(out_dir, wells, stats)
+    write_relations(os.path.join(out_dir, RELATIONS_CSV), relation_pairs(des["families"]))
     write_bytes(os.path.join(out_dir, SYNTH_JSON), json.dumps(
         dict(params, n_wells=len(wells), groups=des["groups"].tolist(),
-             controls=des["controls"]), indent=1))
+             controls=des["controls"], families=des["families"].tolist()), indent=1))
     os.remove(os.path.join(out_dir, RUNNING_JSON))
     summary = dict(out_dir=str(out_dir), preset=preset, experiments=len(exps), wells=len(wells),
                    sites=2 * len(wells), image_size=size, seconds=round(time.time() - t0, 1))

@@ -53,6 +53,12 @@ def write_release_csvs(out_dir, wells: pd.DataFrame, stats: list) -> None:
     _write_frames(out_dir, {layout.RELEASE_CSV: meta, "pixel_stats.csv": _pixel_stats(stats)})
 
 
+def write_relations(path, pairs: pd.DataFrame) -> None:
+    """relations.csv (sirna_a, sirna_b, family; class ids), the same in both layouts: the
+    pairs `infer map --relations` scores a map's recall on."""
+    _write_frames(os.path.dirname(path), {os.path.basename(path): pairs})
+
+
 def _pixel_stats(stats: list) -> pd.DataFrame:
     return pd.DataFrame(stats, columns=list(PIXEL_STATS_COLUMNS))
 

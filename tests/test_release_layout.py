@@ -45,7 +45,10 @@ def pair(tmp_path_factory):
 def test_release_synth_is_the_release_layout(pair):
     release = pair["release"]
     assert sorted(os.listdir(release)) == ["images", "metadata.csv", "pixel_stats.csv",
-                                           "synth.json"]
+                                           "relations.csv", "synth.json"]
+    # the planted families are the same in both layouts (class ids, not layout names)
+    assert filecmp.cmp(os.path.join(release, "relations.csv"),
+                       os.path.join(pair["kaggle"], "relations.csv"), shallow=False)
     meta = pd.read_csv(os.path.join(release, "metadata.csv"))
     assert list(meta.columns) == ["site_id", "well_id", "cell_type", "dataset", "experiment",
                                   "plate", "well", "site", "well_type", "sirna", "sirna_id"]

@@ -201,3 +201,46 @@ def test_refuses_a_synth_of_other_parameters(tmp_path):
     with pytest.raises(ValueError, match="synth of other parameters"):
         synth(str(out), preset="tiny", seed=0, experiments=1, workers=1)
     assert (out / "train.csv").read_text() == "id_code\n"
+
+
+def test_relations_csv_lists_the_planted_families(tiny):
+    """relations.csv names exactly the families design() planted: every pair of a family,
+    members from different plate groups, sharing a phenotype direction that unrelated
+    siRNAs do not share."""
+    from prep.synth import FAMILY_SHARE, FAMILY_SIZE, design
+    rel = pd.read_csv(os.path.join(tiny, "relations.csv"))
+    assert list(rel.columns) == ["sirna_a", "sirna_b", "family"]
+    des = design(PRESETS["tiny"], 0)
+    fams = des["families"]
+    assert fams.shape == (2, FAMILY_SIZE) and len(np.unique(fams)) == fams.size
+    want = {(int(a), int(b), f) for f, fam in enumerate(fams) for a in fam for b in fam if a < b}
+    assert set(map(tuple, rel.to_numpy().tolist())) == want and len(rel) == len(want) == 6
+    group_of = {int(s): g for g, grp in enumerate(des["groups"]) for s in grp}
+    for fam in fams:
+        assert len({group_of[int(s)] for s in fam}) == FAMILY_SIZE
+    ph = des["phenotype"][:des["n_treat"]]
+    unit = ph / np.linalg.norm(ph, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    related = np.zeros_like(cos, bool)
+    related[rel.sirna_a, rel.sirna_b] = related[rel.sirna_b, rel.sirna_a] = True
+    off = ~np.eye(len(cos), dtype=bool)
+    assert cos[related].min() > 0.3, cos[related]
+    assert cos[related].mean() > FAMILY_SHARE ** 2 - 0.25
+    assert abs(cos[off & ~related].mean()) < 0.15
+
+
+def test_families_change_only_their_members(monkeypatch):
+    """Planting draws from its own stream: without it every other siRNA, response and
+    baseline is what it was, so the data outside the families did not change."""
+    import prep.synth as synth_mod
+    des = synth_mod.design(PRESETS["demo"], 0)
+    monkeypatch.setattr(synth_mod, "plant_families",
+                        lambda ph, groups, seed: np.zeros((0, 3), np.int64))
+    plain = synth_mod.design(PRESETS["demo"], 0)
+    members = np.unique(des["families"])
+    others = np.setdiff1d(np.arange(layout.N_SIRNAS), members)
+    assert np.array_equal(des["phenotype"][others], plain["phenotype"][others])
+    assert not np.allclose(des["phenotype"][members], plain["phenotype"][members])
+    assert np.array_equal(des["groups"], plain["groups"])
+    for ct in layout.CELL_TYPES:
+        assert np.array_equal(des["response"][ct], plain["response"][ct])
