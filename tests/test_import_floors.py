@@ -134,8 +134,6 @@ def test_every_import_keeps_to_its_floor():
     assert violations() == []
 
 
-@pytest.mark.xfail(strict=False, reason="the lead is removing train.heads <-> train.models "
-                                        "and bench.compare <-> bench.report")
 def test_the_import_graph_has_no_circles():
     assert cycles() == []
 
