@@ -21,7 +21,7 @@ FOLDS    ?= 0
 DEMO_OUT ?= demo_out
 
 .PHONY: setup test synth folds shards verify train-control train-finetune train-pseudo \
-        predict ensemble demo map bench bench-prep bench-loader bench-train gpu-check compare compare-long \
+        predict ensemble demo map bench bench-prep bench-loader bench-train gpu-check compare compare-techniques compare-long \
         compare-selected clean
 
 setup: $(STAMP)
@@ -89,13 +89,23 @@ bench-loader: $(STAMP)
 bench-train: $(STAMP)
 	$(PY) -m bench.train
 
-# The reference recipe against the plus recipe (configs/plus.yml), and each plus technique
-# alone on top of the reference, over 3 data seeds on the demo preset (about an hour on a
-# 2-core CPU host). Writes bench/results_compare.json and its table into bench/results.md.
+# The three recipes side by side: reference, plus (configs/plus.yml) and first
+# (configs/first.yml, scaled to the same epochs), on the demo preset with a budget where
+# regularization can pay (configs/compare.yml: Part II 30 epochs at 64 px), resnet18 for all,
+# data seeds 0-2, every run predicted with TTA 8 (about two hours on a 2-core CPU host).
+# Writes bench/results_compare_recipes.json and its table into bench/results.md.
 compare: $(STAMP)
-	$(PY) -m bench.compare --out-dir compare_out
+	$(PY) -m bench.compare --out-dir compare_out --techniques none \
+	    --config-overrides configs/demo.yml,configs/compare.yml \
+	    --results bench/results_compare_recipes.json
 
-# The same two recipes with three times the demo's Part II (stage1 15 epochs), 3 seeds
+# Each plus technique alone on top of the reference, beside the reference and the plus recipe,
+# at the demo's short budget (stage1 5 epochs at 48 px), seeds 0-2, each run predicted with
+# its own TTA (about an hour). Writes bench/results_compare.json.
+compare-techniques: $(STAMP)
+	$(PY) -m bench.compare --out-dir compare_techniques --first false --tta8 false
+
+# The same recipes with three times the demo's Part II (stage1 15 epochs), 3 seeds
 # (about 40 minutes). Writes bench/results_compare_long.json.
 compare-long: $(STAMP)
 	$(PY) -m bench.compare --out-dir compare_long --techniques none \
@@ -116,4 +126,4 @@ gpu-check: $(STAMP)
 	$(PY) -m bench.gpu_check
 
 clean:
-	rm -rf out data "$(DEMO_OUT)" compare_out compare_long compare_selected .pytest_cache
+	rm -rf out data "$(DEMO_OUT)" compare_out compare_techniques compare_long compare_selected .pytest_cache

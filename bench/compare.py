@@ -44,6 +44,8 @@ ROOT = os.path.dirname(HERE)
 PY = sys.executable
 RESULTS = os.path.join(HERE, "results_compare.json")
 PLUS_YML = os.path.join(ROOT, "configs", "plus.yml")
+FIRST_YML = os.path.join(ROOT, "configs", "first.yml")
+FIRST_CHANNELS = "[1,2,3,4,5,6]"     # the 1st place's one model reads all six channels
 DEMO_YML = "configs/demo.yml"
 DEMO_STAGE1_EPOCHS = 5
 
@@ -86,6 +88,32 @@ def _plus(epochs: int = DEMO_STAGE1_EPOCHS, without=()) -> dict:
         else:
             del dp[t]
     return plus
+
+
+def _first(config_overrides: str) -> dict:
+    """configs/first.yml at the budget of `config_overrides` (what the reference trains there):
+    the same stage1 epochs, its schedule's breaks (90 and 150 of 130 epochs) and its pseudo
+    labels scaled to them, its learning rates scaled as the budget scales the reference's
+    (stage1's peak over the reference's 5e-4), no downloaded weights."""
+    from train.config import load_config
+    cfg = load_config("finetune", os.path.join(ROOT, "configs", "finetune.yml"),
+                      overrides=config_overrides)
+    s1 = cfg.stages.stage1
+    epochs = int(s1.state_params.num_epochs)
+    sch = s1.scheduler_params.to_dict()
+    scale = sch["lr_range"][0] / 5e-4 if sch["scheduler"] == "OneCycleLR" else 1.0
+    with open(FIRST_YML) as f:
+        first = yaml.safe_load(f)
+    v1, b1, v2, b2, v3 = first["stages"]["stage1"]["scheduler_params"]["segments"]
+    first["model_params"]["pretrained"] = "none"
+    st = first["stages"]["stage1"]
+    st["state_params"]["num_epochs"] = epochs
+    st["optimizer_params"]["lr"] = v1 * scale
+    st["scheduler_params"]["segments"] = [v1 * scale, max(1, round(b1 / 130 * epochs)),
+                                          v2 * scale, round(b2 / 130 * epochs), v3]
+    first["stages"]["data_params"]["progressive_pseudo"]["start_epoch"] = \
+        max(1, round(b1 / 130 * epochs))
+    return first
 
 
 def plus_name(without=()) -> str:
@@ -135,12 +163,14 @@ def parse_techniques(value, option: str = "--techniques") -> list[str]:
     return names
 
 
-def plan(seeds: list[int], techniques: list[str], technique_seeds: list[int], plus="plus"):
-    """(recipe, seed) pairs in the order they run: per seed the reference, plus, techniques."""
+def plan(seeds: list[int], techniques: list[str], technique_seeds: list[int], plus="plus",
+         first: bool = True):
+    """(recipe, seed) pairs in the order they run: per seed the reference, plus, first,
+    techniques."""
     out = []
     for s in seeds + [t for t in technique_seeds if t not in seeds]:
         if s in seeds:
-            out += [("reference", s), (plus, s)]
+            out += [("reference", s), (plus, s)] + ([("first", s)] if first else [])
         if s in technique_seeds:
             if s not in seeds and "tta" in techniques:
                 out.append(("reference", s))   # +tta predicts the reference's runs
@@ -151,8 +181,9 @@ def plan(seeds: list[int], techniques: list[str], technique_seeds: list[int], pl
 # ------------------------------------------------------------------ the pipeline
 
 class Pipeline:
-    def __init__(self, out_dir, subsets, folds, model_name, workers, log, preset, overrides):
-        self.out, self.subsets, self.folds = out_dir, subsets, folds
+    def __init__(self, out_dir, subsets, folds, model_name, workers, log, preset, overrides,
+                 tta8=True):
+        self.out, self.subsets, self.folds, self.tta8 = out_dir, subsets, folds, tta8
         self.preset, self.overrides = preset, overrides
         self.model, self.workers, self.log = model_name, str(workers), log
 
@@ -196,14 +227,19 @@ class Pipeline:
                                "checkpoints", "best.pth")
         overrides = self.overrides + (f",{overlay}" if overlay else "")
         t0 = time.time()
-        for c in self.subsets if not tta_only else ():
+        # first: one six-channel model per fold, from its own start (no Part I)
+        subsets = [FIRST_CHANNELS] if name == "first" else self.subsets
+        start = [] if name == "first" else [f"--args.pretrained_control={control}"]
+        for c in subsets if not tta_only else ():
             for k in self.folds:
                 self.run([PY, "-m", "train", "finetune", "--channels", c, "--fold", str(k),
                           "--overrides", overrides, "--shards", store, "--logdir", logs,
-                          "--model-name", self.model, f"--args.pretrained_control={control}"])
+                          "--model-name", self.model, *start])
+        # every recipe predicted with TTA 8: the comparison is about training alone
         self.run([PY, "-m", "infer", "predict-all", "--shards", store, "--data-dir", data,
                   "--model-root", os.path.join(logs, "finetune"), "--model-name", self.model,
-                  "--out-dir", pred] + (["--tta", "8"] if tta_only else []))
+                  "--out-dir", pred, "--overwrite"]
+                 + (["--tta", "8"] if (tta_only or self.tta8) else []))
         sub = os.path.join(pred, "submission.csv")
         self.run([PY, "-m", "infer", "ensemble", "--data-dir", data, "--predict-root", pred,
                   "--out", sub, "--overwrite"])  # the demo's own outputs, redone on a re-run
@@ -213,10 +249,11 @@ class Pipeline:
                 "seconds": round(time.time() - t0, 1)}
 
 
-def _write_overlays(out_dir: str, epochs: int, without=()) -> dict[str, str]:
-    """The overlay file of every recipe but the reference (plus, +technique)."""
+def _write_overlays(out_dir: str, epochs: int, without=(), config_overrides=DEMO_YML
+                    ) -> dict[str, str]:
+    """The overlay file of every recipe but the reference (plus, first, +technique)."""
     os.makedirs(out_dir, exist_ok=True)
-    files = {plus_name(without): _plus(epochs, without),
+    files = {plus_name(without): _plus(epochs, without), "first": _first(config_overrides),
              **{f"+{t}": o for t, o in technique_overlays(epochs).items()}}
     paths = {}
     for name, overlay in files.items():
@@ -228,12 +265,14 @@ def _write_overlays(out_dir: str, epochs: int, without=()) -> dict[str, str]:
 
 def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,2,3,4,5]",
          folds="0", out_dir="compare_out", model_name="resnet18", workers: int | None = None,
-         results=RESULTS, preset="demo", config_overrides=DEMO_YML, plus_without="none"):
+         results=RESULTS, preset="demo", config_overrides=DEMO_YML, plus_without="none",
+         first=True, tta8=True):
     """Train, predict and score the reference recipe, the plus recipe and each technique
     alone (see the module's help); write the table.  --plus-without cutmix,zoom: the plus
     recipe less those techniques, in the plus recipe's place.  --preset tiny
     --config-overrides configs/tiny.yml --model-name test_resnet --results OUT.json: a smoke
-    run in minutes."""
+    run in minutes.  --first false leaves the 1st place's recipe out; --tta8 false predicts
+    each run with its own TTA (8 for plus, else 1) instead of 8 for all."""
     seed_list = parse_folds(seeds, None, "--seeds")
     tech_seeds = parse_folds(technique_seeds, None, "--technique-seeds")
     techs = parse_techniques(techniques)
@@ -244,11 +283,12 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,
     subsets = [channels_dirname(s) for s in parse_subsets(channels, "--channels")]
     fold_list = parse_folds(folds, 5, "--folds")
     out_dir = os.path.abspath(out_dir)
-    overlays = _write_overlays(out_dir, stage1_epochs(config_overrides), without)
+    overlays = _write_overlays(out_dir, stage1_epochs(config_overrides), without,
+                               config_overrides)
     from bench.report import machine
     log = open(os.path.join(out_dir, "compare.log"), "a")
     p = Pipeline(out_dir, subsets, fold_list, model_name, workers or os.cpu_count() or 1, log,
-                 preset, config_overrides)
+                 preset, config_overrides, bool(tta8))
     done = {}
     if os.path.isfile(results):   # a re-run keeps what an earlier one measured with this plan
         with open(results) as f:
@@ -259,9 +299,10 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,
             done = {(r["recipe"], r["seed"]): r for r in old["runs"]}
     config = {"preset": preset, "model": model_name, "channels": subsets, "folds": fold_list,
               "seeds": seed_list, "technique_seeds": tech_seeds, "techniques": techs,
-              "overrides": config_overrides, "plus_without": list(without), "out_dir": out_dir}
+              "overrides": config_overrides, "plus_without": list(without), "out_dir": out_dir,
+              "tta": "8 for every recipe" if tta8 else "each run's own"}
     runs, prepared = [], set()
-    for name, seed in plan(seed_list, techs, tech_seeds, plus_name(without)):
+    for name, seed in plan(seed_list, techs, tech_seeds, plus_name(without), bool(first)):
         if (name, seed) not in done:
             if seed not in prepared:
                 p.prepare(seed)

@@ -12,7 +12,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 # make compare, make compare-long and make compare-selected (bench/compare.py).
-COMPARE_PARTS = ("compare", "compare_long", "compare_selected")
+COMPARE_PARTS = ("compare_recipes", "compare", "compare_long", "compare_selected")
 PARTS = ("prep", "loader", "train", *COMPARE_PARTS)
 
 

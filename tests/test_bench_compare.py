@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from bench.compare import (TECHNIQUES, _plus, format_table, parse_techniques, plan,
+from bench.compare import (TECHNIQUES, _first, _plus, format_table, parse_techniques, plan,
                            plus_name, progressive_epochs, stage1_epochs, summarize,
                            technique_overlays)
 from common.errors import BadInput
@@ -41,10 +41,30 @@ def test_techniques_parse():
         parse_techniques("mixup")
 
 
-def test_plan_runs_both_recipes_per_seed_and_techniques_on_one():
-    assert plan([0, 1], ["cutmix", "tta"], [0]) == [
+def test_plan_runs_the_recipes_per_seed_and_techniques_on_one():
+    assert plan([0, 1], ["cutmix", "tta"], [0], first=False) == [
         ("reference", 0), ("plus", 0), ("+cutmix", 0), ("+tta", 0), ("reference", 1), ("plus", 1)]
-    assert plan([0], ["tta"], [5]) == [("reference", 0), ("plus", 0), ("reference", 5), ("+tta", 5)]
+    assert plan([0], ["tta"], [5], first=False) == [("reference", 0), ("plus", 0),
+                                                    ("reference", 5), ("+tta", 5)]
+    assert plan([0, 1], [], []) == [("reference", 0), ("plus", 0), ("first", 0),
+                                    ("reference", 1), ("plus", 1), ("first", 1)]
+
+
+def test_first_is_scaled_to_the_compare_budget(tmp_path):
+    """make compare's first: the 1st place's cosine breaks (90, 150 of 130 epochs) and pseudo
+    labels at the same shares of the reference's 30 epochs, its learning rates scaled as the
+    demo scales the reference's (0.002 / 5e-4 = 4), six channels, no weights downloaded."""
+    over = "configs/demo.yml,configs/compare.yml"
+    p = tmp_path / "first.yml"
+    p.write_text(yaml.safe_dump(_first(over)))
+    cfg = load_config("finetune", "configs/finetune.yml", overrides=f"{over},{p}",
+                      channels="[1,2,3,4,5,6]")
+    s1 = cfg.stages.stage1
+    assert s1.state_params.num_epochs == 30 and cfg.stages.stage0.state_params.num_epochs == 0
+    assert s1.scheduler_params.segments == pytest.approx([6e-4, 21, 2.4e-4, 35, 0])
+    assert cfg.stages.data_params.progressive_pseudo.start_epoch == 21
+    assert (cfg.stages.data_params.image_size, cfg.stages.data_params.norm,
+            cfg.model_params.pretrained, cfg.args.pretrained_control) == (64, "sample", "none", None)
 
 
 @pytest.mark.parametrize("name", [t for t in TECHNIQUES])
@@ -87,7 +107,8 @@ def test_plus_without_drops_exactly_those_techniques(tmp_path):
     assert [vd[t] for t in without] == [None, None, None] and all(fd[t] for t in without)
     assert vd["jitter"] == fd["jitter"] and vd["controls_as_classes"] is True
     assert v.model_params.to_dict() == full.model_params.to_dict()
-    assert plan([3], [], [], plus_name(without)) == [("reference", 3), (plus_name(without), 3)]
+    assert plan([3], [], [], plus_name(without), first=False) == [("reference", 3),
+                                                                 (plus_name(without), 3)]
     out = _run("--plus-without", "all", "--out-dir", str(tmp_path / "c"))
     assert out.returncode == 2 and "--plus-without: that leaves nothing" in out.stderr
     out = _run("--plus-without", "mixup", "--out-dir", str(tmp_path / "c"))
