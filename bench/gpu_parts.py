@@ -3,7 +3,7 @@
 Each part takes the `Ctx` (store, sizes, devices) and returns a dict of its
 figures; `bench.gpu_check` runs them in order, times them, and writes the table.
 Every part uses the public APIs the pipeline itself uses: `shards.make_loader`
-with a `LoaderSpec`, `train.models.create_model`, `train.load_for_inference`,
+with a `LoaderSpec`, `train.factory.create_model`, `train.load_for_inference`,
 `common.precision`, `infer.predict.predict_wells`, the train CLI and torchrun.
 """
 from __future__ import annotations

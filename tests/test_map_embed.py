@@ -120,7 +120,7 @@ def test_embeddings_of_another_store_are_refused(torch_emb, tiny_run, tmp_path):
 def test_the_embedding_is_what_the_classifier_reads():
     import torch
     from infer.embed import embedding_forward
-    from train.models import create_model
+    from train.factory import create_model
     torch.manual_seed(0)
     model = create_model(model="cell_timm", model_name="test_resnet", num_classes=7,
                          n_channels=5, pretrained="none").eval()
