@@ -312,6 +312,8 @@ def main(workers: int | None = None, batches=24, warmup=3, case: str | None = No
                for k in ("dali_cpu_vs_reference", "dali_cpu_vs_raw_read")]
     print(f"goals: dali-cpu >= 5x reference-style ({verdict[0]}), "
           f">= 0.2 of raw read ({verdict[1]})")
+    from bench.report import machine
+    results["machine"] = machine()   # where these figures were measured
     write_bytes(RESULTS, json.dumps(results, indent=1))
     print(f"wrote {os.path.relpath(RESULTS, REPO)}")
 

@@ -202,6 +202,8 @@ def main(workers: int | None = None):
         + "; compression ratio "
         + ", ".join(f"{k} {v:.2f}" for k, v in results["zstd_ratio"].items())
         + " (prep uses zstd1; file writes are not in this list)")
+    from bench.report import machine
+    results["machine"] = machine()   # where these figures were measured
     write_bytes(RESULTS, json.dumps(results, indent=1))
     print(f"wrote {RESULTS}")
 

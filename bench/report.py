@@ -43,7 +43,10 @@ def machine() -> str:
 
 
 def table(results: dict) -> str:
-    lines = [f"Measured on: {results['machine']}", "",
+    # each part says where it was measured (a part re-run on another host changes only its own)
+    hosts = list(dict.fromkeys(results[n].get("machine") or "unknown host"
+                               for n in ("prep", "loader", "train") if results.get(n)))
+    lines = [f"Measured on: {'; '.join(hosts) or 'no part measured'}", "",
              "| benchmark | figure | value | goal |", "| --- | --- | --- | --- |"]
     p = results.get("prep")
     if p:
@@ -78,7 +81,7 @@ def table(results: dict) -> str:
 def main():
     """Merge bench/results_{prep,loader,train,compare*}.json into
     bench/results.json and bench/results.md."""
-    results = {"machine": machine()}
+    results = {}
     for name in PARTS:
         r = _load(name)
         if r is not None:

@@ -188,6 +188,8 @@ def main(steps=20, senet_steps=8, warmup=3, batch: int | None = None, workers: i
         }
         del step
     results["load_avg_after"] = list(os.getloadavg())
+    from bench.report import machine
+    results["machine"] = machine()   # where these figures were measured
     write_bytes(RESULTS, json.dumps(results, indent=1))
     print_table(results)
     return None
