@@ -8,6 +8,7 @@ budget (configs/demo.yml), through predict-all and the plate-constrained ensembl
                             [--config-overrides configs/demo.yml[,configs/demo_long.yml]]
                             [--results bench/results_compare.json]
                             [--plus-without none|cutmix,zoom,...]
+                            [--first-without none|norm,progressive_pseudo,augment]
 
 Per data seed: synth (preset demo, that seed) -> shards -> folds -> one Part I (control)
 model, which every recipe of that seed starts from -> for each recipe a Part II run per
@@ -90,11 +91,32 @@ def _plus(epochs: int = DEMO_STAGE1_EPOCHS, without=()) -> dict:
     return plus
 
 
-def _first(config_overrides: str) -> dict:
+# What `--first-without` can take out of the 1st place's recipe, one at a time: each named
+# variant is first.yml less that part, so the table shows what the part costs or gives.
+FIRST_PARTS = {
+    "norm": ("norm",),                                # per-sample statistics -> the config's
+    "progressive_pseudo": ("progressive_pseudo",),    # no pseudo-labelled test wells
+    "augment": ("cutmix", "zoom", "jitter"),          # flips and transpose only
+}
+
+
+def parse_first_without(value) -> list[str]:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "none"):
+        return []
+    names = parse_names(value, "--first-without")
+    bad = [n for n in names if n not in FIRST_PARTS]
+    if bad:
+        raise BadInput(f"--first-without: unknown {bad}; choose from "
+                       f"{', '.join(FIRST_PARTS)} or none")
+    return names
+
+
+def _first(config_overrides: str, without: str | None = None) -> dict:
     """configs/first.yml at the budget of `config_overrides` (what the reference trains there):
     the same stage1 epochs, its schedule's breaks (90 and 150 of 130 epochs) and its pseudo
     labels scaled to them, its learning rates scaled as the budget scales the reference's
-    (stage1's peak over the reference's 5e-4), no downloaded weights."""
+    (stage1's peak over the reference's 5e-4), no downloaded weights.  `without`: a key of
+    FIRST_PARTS left out (its data_params keys deleted, so the config's own values hold)."""
     from train.config import load_config
     cfg = load_config("finetune", os.path.join(ROOT, "configs", "finetune.yml"),
                       overrides=config_overrides)
@@ -113,6 +135,8 @@ def _first(config_overrides: str) -> dict:
                                           v2 * scale, round(b2 / 130 * epochs), v3]
     first["stages"]["data_params"]["progressive_pseudo"]["start_epoch"] = \
         max(1, round(b1 / 130 * epochs))
+    for key in FIRST_PARTS[without] if without else ():
+        del first["stages"]["data_params"][key]
     return first
 
 
@@ -164,13 +188,14 @@ def parse_techniques(value, option: str = "--techniques") -> list[str]:
 
 
 def plan(seeds: list[int], techniques: list[str], technique_seeds: list[int], plus="plus",
-         first: bool = True):
+         first: bool = True, first_without=()):
     """(recipe, seed) pairs in the order they run: per seed the reference, plus, first,
-    techniques."""
+    first less each part of `first_without` (`first-norm`, ...), techniques."""
     out = []
     for s in seeds + [t for t in technique_seeds if t not in seeds]:
         if s in seeds:
             out += [("reference", s), (plus, s)] + ([("first", s)] if first else [])
+            out += [(f"first-{part}", s) for part in first_without]
         if s in technique_seeds:
             if s not in seeds and "tta" in techniques:
                 out.append(("reference", s))   # +tta predicts the reference's runs
@@ -227,9 +252,10 @@ class Pipeline:
                                "checkpoints", "best.pth")
         overrides = self.overrides + (f",{overlay}" if overlay else "")
         t0 = time.time()
-        # first: one six-channel model per fold, from its own start (no Part I)
-        subsets = [FIRST_CHANNELS] if name == "first" else self.subsets
-        start = [] if name == "first" else [f"--args.pretrained_control={control}"]
+        # first (and its variants): one six-channel model per fold, from its own start
+        is_first = name == "first" or name.startswith("first-")
+        subsets = [FIRST_CHANNELS] if is_first else self.subsets
+        start = [] if is_first else [f"--args.pretrained_control={control}"]
         for c in subsets if not tta_only else ():
             for k in self.folds:
                 self.run([PY, "-m", "train", "finetune", "--channels", c, "--fold", str(k),
@@ -251,9 +277,11 @@ class Pipeline:
 
 def _write_overlays(out_dir: str, epochs: int, without=(), config_overrides=DEMO_YML
                     ) -> dict[str, str]:
-    """The overlay file of every recipe but the reference (plus, first, +technique)."""
+    """The overlay file of every recipe but the reference (plus, first, first-part,
+    +technique)."""
     os.makedirs(out_dir, exist_ok=True)
     files = {plus_name(without): _plus(epochs, without), "first": _first(config_overrides),
+             **{f"first-{part}": _first(config_overrides, part) for part in FIRST_PARTS},
              **{f"+{t}": o for t, o in technique_overlays(epochs).items()}}
     paths = {}
     for name, overlay in files.items():
@@ -266,17 +294,21 @@ def _write_overlays(out_dir: str, epochs: int, without=(), config_overrides=DEMO
 def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,2,3,4,5]",
          folds="0", out_dir="compare_out", model_name="resnet18", workers: int | None = None,
          results=RESULTS, preset="demo", config_overrides=DEMO_YML, plus_without="none",
-         first=True, tta8=True):
+         first=True, tta8=True, first_without="none"):
     """Train, predict and score the reference recipe, the plus recipe and each technique
     alone (see the module's help); write the table.  --plus-without cutmix,zoom: the plus
     recipe less those techniques, in the plus recipe's place.  --preset tiny
     --config-overrides configs/tiny.yml --model-name test_resnet --results OUT.json: a smoke
     run in minutes.  --first false leaves the 1st place's recipe out; --tta8 false predicts
-    each run with its own TTA (8 for plus, else 1) instead of 8 for all."""
+    each run with its own TTA (8 for plus, else 1) instead of 8 for all.  --first-without
+    norm,progressive_pseudo,augment adds, per seed, the 1st place's recipe less each of those
+    parts (`first-norm`: the config's normalization in place of per-sample statistics;
+    `first-augment`: no CutMix, zoom or jitter)."""
     seed_list = parse_folds(seeds, None, "--seeds")
     tech_seeds = parse_folds(technique_seeds, None, "--technique-seeds")
     techs = parse_techniques(techniques)
     without = tuple(parse_techniques(plus_without, "--plus-without"))
+    first_parts = parse_first_without(first_without)
     if len(without) == len(TECHNIQUES):
         raise BadInput("--plus-without: that leaves nothing of the plus recipe (the reference "
                        "is measured anyway); name some techniques, or none")
@@ -300,9 +332,11 @@ def main(seeds="0,1,2", techniques="all", technique_seeds="0,1,2", channels="[1,
     config = {"preset": preset, "model": model_name, "channels": subsets, "folds": fold_list,
               "seeds": seed_list, "technique_seeds": tech_seeds, "techniques": techs,
               "overrides": config_overrides, "plus_without": list(without), "out_dir": out_dir,
-              "tta": "8 for every recipe" if tta8 else "each run's own"}
+              "tta": "8 for every recipe" if tta8 else "each run's own",
+              "first_without": first_parts}
     runs, prepared = [], set()
-    for name, seed in plan(seed_list, techs, tech_seeds, plus_name(without), bool(first)):
+    for name, seed in plan(seed_list, techs, tech_seeds, plus_name(without), bool(first),
+                           first_parts if first else ()):
         if (name, seed) not in done:
             if seed not in prepared:
                 p.prepare(seed)

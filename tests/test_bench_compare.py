@@ -67,6 +67,32 @@ def test_first_is_scaled_to_the_compare_budget(tmp_path):
             cfg.model_params.pretrained, cfg.args.pretrained_control) == (64, "sample", "none", None)
 
 
+@pytest.mark.parametrize("part,keys", [("norm", {"norm": "experiment"}),
+                                       ("progressive_pseudo", {"progressive_pseudo": None}),
+                                       ("augment", {"cutmix": None, "zoom": None, "jitter": None})])
+def test_first_without_a_part_is_first_less_exactly_that_part(part, keys, tmp_path):
+    """--first-without norm: the 1st place's recipe with the demo's normalization in place of
+    per-sample statistics, everything else as first; it runs right after first on each seed."""
+    over = "configs/demo.yml,configs/compare.yml"
+
+    def data(overlay):
+        p = tmp_path / "o.yml"
+        p.write_text(yaml.safe_dump(overlay))
+        cfg = load_config("finetune", "configs/finetune.yml", overrides=f"{over},{p}",
+                          channels="[1,2,3,4,5,6]")
+        return cfg.to_dict()
+    full, less = data(_first(over)), data(_first(over, part))
+    fd, ld = full["stages"]["data_params"], less["stages"]["data_params"]
+    assert {k: ld[k] for k in keys} == keys and all(fd[k] not in (None, "experiment") for k in keys)
+    assert {k: v for k, v in ld.items() if k not in keys} == \
+        {k: v for k, v in fd.items() if k not in keys}
+    assert less["model_params"] == full["model_params"]
+    assert plan([0], [], [], first_without=[part]) == [("reference", 0), ("plus", 0),
+                                                       ("first", 0), (f"first-{part}", 0)]
+    out = _run("--first-without", "mixup", "--out-dir", str(tmp_path / "c"))
+    assert out.returncode == 2 and "--first-without: unknown ['mixup']" in out.stderr
+
+
 @pytest.mark.parametrize("name", [t for t in TECHNIQUES])
 def test_each_technique_overlay_is_a_valid_config_on_the_demo(name, tmp_path):
     p = tmp_path / f"{name}.yml"
