@@ -92,12 +92,15 @@ bench-train: $(STAMP)
 # The three recipes side by side: reference, plus (configs/plus.yml) and first
 # (configs/first.yml, scaled to the same epochs), on the demo preset with a budget where
 # regularization can pay (configs/compare.yml: Part II 30 epochs at 64 px), resnet18 for all,
-# data seeds 0-2, every run predicted with TTA 8 (about two hours on a 2-core CPU host).
-# Writes bench/results_compare_recipes.json and its table into bench/results.md.
+# data seeds 0-2, every run predicted with TTA 8, and the 1st place's recipe less its
+# per-sample normalization and less its pseudo labels (about 75 minutes on a 2-core CPU host).
+# Writes bench/results_compare_recipes.json and its table into bench/results.md, and seed 0's
+# validation curves of every run into docs/figures/compare_curves_seed0.png.
 compare: $(STAMP)
 	$(PY) -m bench.compare --out-dir compare_out --techniques none \
 	    --config-overrides configs/demo.yml,configs/compare.yml \
-	    --results bench/results_compare_recipes.json
+	    --results bench/results_compare_recipes.json --first-without norm,progressive_pseudo
+	$(PY) -m bench.compare_curves --out-dir compare_out --seed 0
 
 # Each plus technique alone on top of the reference, beside the reference and the plus recipe,
 # at the demo's short budget (stage1 5 epochs at 48 px), seeds 0-2, each run predicted with
