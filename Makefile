@@ -72,10 +72,10 @@ demo: $(STAMP)
 # tvn), scored on replicate mAP, batch leakage and the planted relations; prints the table.
 MAP_RUN ?= $(DEMO_OUT)/logs/pseudo/[1,2,3,4,5]/fold_0/resnet18
 map: $(STAMP)
-	$(PY) -m infer embed --shards $(DEMO_OUT)/store --run '$(MAP_RUN)' --out $(DEMO_OUT)/embeddings \
-		--labels $(DEMO_OUT)/data
-	$(PY) -m infer map --embeddings $(DEMO_OUT)/embeddings --out $(DEMO_OUT)/map \
-		--relations $(DEMO_OUT)/data/relations.csv
+	$(PY) -m infer embed --shards "$(DEMO_OUT)/store" --run "$(MAP_RUN)" --out "$(DEMO_OUT)/embeddings" \
+		--labels "$(DEMO_OUT)/data"
+	$(PY) -m infer map --embeddings "$(DEMO_OUT)/embeddings" --out "$(DEMO_OUT)/map" \
+		--relations "$(DEMO_OUT)/data/relations.csv"
 
 bench: bench-prep bench-loader bench-train
 	$(PY) -m bench.report

@@ -120,7 +120,7 @@ def _make(*args):
 
 
 @pytest.mark.parametrize("target", ["synth", "folds", "shards", "verify", "train-control",
-                                    "train-finetune", "predict", "ensemble", "demo", "clean"])
+                                    "train-finetune", "predict", "ensemble", "demo", "map", "clean"])
 def test_make_keeps_paths_with_spaces_whole(target):
     import shlex
     paths = {"DATA_DIR": "my data é", "OUT_DIR": "my out", "DEMO_OUT": "démo out"}
