@@ -131,6 +131,9 @@ def test_make_keeps_paths_with_spaces_whole(target):
     assert used, p.stdout
     for w in used:   # every path arrived as one argument, never split at its space
         assert any(w.startswith(v) for v in paths.values()), (w, p.stdout)
+    for v in paths.values():   # and no argument holds only the part before the space
+        head = v.split(" ")[0]
+        assert all(v in w for w in words if head in w.split("/")), (v, p.stdout)
 
 
 def test_make_verify_reads_a_spaced_path(tmp_path):
